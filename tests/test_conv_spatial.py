@@ -184,13 +184,13 @@ def _in(strat, cls, **kwargs):
         return cls(**kwargs)
 
 
-def resnet(conv, pool, seed):
+def resnet(conv, pool, seed, use_bias=True):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((16, 6, 3))
-    x = conv(8, 3, padding="same")(inputs)
+    x = conv(8, 3, padding="same", use_bias=use_bias)(inputs)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU()(x)
-    y = conv(8, 3, padding="same")(x)
+    y = conv(8, 3, padding="same", use_bias=use_bias)(x)
     y = keras.layers.BatchNormalization()(y)
     x = keras.layers.ReLU()(keras.layers.Add()([x, y]))
     x = pool(2)(x)
@@ -199,14 +199,24 @@ def resnet(conv, pool, seed):
     return keras.Model(inputs, keras.layers.Dense(3)(x))
 
 
-def test_small_resnet_fit_matches_keras():
+NO_BIAS_XFAIL = pytest.mark.xfail(
+    strict=True,
+    reason="TF 2.21 DTensor: the gradient of the relayout that ends a spatial "
+    "convolution (RelayoutLike) fails layout propagation when "
+    "BatchNormalization follows a bias-free convolution; dropping that "
+    "relayout makes DTensor gather the output instead. Use use_bias=True.",
+)
+
+
+@pytest.mark.parametrize("use_bias", [True, pytest.param(False, marks=NO_BIAS_XFAIL)], ids=["bias", "no-bias"])
+def test_small_resnet_fit_matches_keras(use_bias):
     rng = np.random.RandomState(8)
     x = rng.randn(16, 16, 6, 3).astype("float32")
     y = rng.randn(16, 3).astype("float32")
-    plain = resnet(keras.layers.Conv2D, keras.layers.MaxPooling2D, 0)
+    plain = resnet(keras.layers.Conv2D, keras.layers.MaxPooling2D, 0, use_bias)
     strat = height_strategy((2, 4))
     with strat.scope():
-        sharded = resnet(SpatialParallelConv2D, SpatialParallelMaxPooling2D, 0)
+        sharded = resnet(SpatialParallelConv2D, SpatialParallelMaxPooling2D, 0, use_bias)
         sharded.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     plain.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
     for p, s in zip(plain.weights, sharded.weights):

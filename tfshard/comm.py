@@ -263,16 +263,23 @@ def _dump_files(directory):
     return out
 
 
-def parse_dump_dir(directory, stage="expanded"):
+def parse_dump_dir(directory, stage="expanded", program=None):
     """Count collectives over every DTensor program dumped in ``directory``.
 
     Each compiled program is counted once, at ``stage`` (see the module
-    docstring). Returns ``(counts, n_programs)``.
+    docstring). ``program`` keeps only the programs traced from the Python
+    function of that name (a ``tf.function`` named ``run`` compiles to
+    ``__inference_run_<n>``). Returns ``(counts, n_programs)``.
     """
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: use one of {STAGES}.")
     files = _dump_files(directory)
-    starts = [i for i, f in enumerate(files) if f[1] == _EXPANSION_PASS]
+    wanted = None if program is None else re.compile(rf"__inference_{re.escape(program)}_\d+")
+    starts = [
+        i
+        for i, f in enumerate(files)
+        if f[1] == _EXPANSION_PASS and (wanted is None or wanted.fullmatch(f[2]))
+    ]
     counts = CollectiveCounts()
     for n, start in enumerate(starts):
         chosen = files[start]
