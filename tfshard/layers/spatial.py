@@ -307,7 +307,15 @@ class _SpatialMixin(ShardedLayerMixin):
     def _unblock(self, y, plans, ha, wa):
         ph, pw = plans
         y = tf.reshape(y, (-1, ph.out, pw.out, y.shape[-1]))
-        return self.sharding_strategy.place(y, (KEEP, ha, wa, None))
+        out = self.sharding_strategy.place(y, (KEEP, ha, wa, None))
+        if tf.executing_eagerly():
+            return out
+        # Forward: the relayout (exactly: y - y == 0). Backward: the identity,
+        # not DTensor's relayout gradient (RelayoutLike), which fails layout
+        # propagation when BatchNormalization follows a bias-free
+        # convolution. (A tf.custom_gradient would do the same but its
+        # IdentityN makes DTensor gather the image.)
+        return tf.stop_gradient(out) + (y - tf.stop_gradient(y))
 
     def get_config(self):
         config = super().get_config()

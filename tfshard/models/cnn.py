@@ -17,7 +17,8 @@ def _conv(split, filters, name, role):
     exchanges halos; the stem of the channel variant stays whole."""
     from tfshard import layers
 
-    common = dict(kernel_size=3, padding="same", use_bias=True, name=name)
+    # No biases: every convolution feeds a BatchNormalization (the ResNet way).
+    common = dict(kernel_size=3, padding="same", use_bias=False, name=name)
     if split == "spatial":
         return layers.SpatialParallelConv2D(filters, **common)
     if role == "stem":
