@@ -45,3 +45,8 @@ __all__ += [
     "SpatialParallelAveragePooling2D",
     "describe_tiling",
 ]
+
+# GShard-style mixture of experts, experts split over a mesh axis (issue 11).
+from tfshard.layers.moe import ExpertParallelMoE, reference_moe  # noqa: E402
+
+__all__ += ["ExpertParallelMoE", "reference_moe"]
