@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 from tfshard.errors import ShardingError
 
-__all__ = ["KEEP", "normalize_spec", "validate_spec", "LogicalRules", "PathRules"]
+__all__ = ["KEEP", "normalize_spec", "validate_spec", "fitting_spec", "LogicalRules", "PathRules"]
 
 #: In an *activation* spec: keep whatever sharding this dimension already has
 #: (typically the batch dimension, which the input pipeline decides).
@@ -82,9 +82,35 @@ def validate_spec(spec, shape, mesh, *, name):
                 f"{name}: dimension {dim} has size {size}, which mesh axis "
                 f"{axis!r} (size {parts}) cannot divide evenly (shape {shape}, "
                 f"spec {spec!r}). Use a size that is a multiple of {parts}, "
-                f"or None for that dimension to replicate it."
+                f"or None for that dimension to replicate it; spec "
+                f"{fitting_spec(spec, shape, mesh)!r} fits this tensor."
             )
     return spec
+
+
+def fitting_spec(spec, shape, mesh):
+    """The spec nearest ``spec`` that lays out ``shape`` on ``mesh``: its
+    sharded axes swapped between dimensions if that divides evenly (a layout
+    written for ``(in, out)`` used on ``(out, in)``), else ``spec`` with each
+    dimension that does not divide replicated."""
+
+    def divides(entry, size):
+        return entry is None or size is None or entry not in mesh.axis_names or (
+            size % mesh.axis_size(entry) == 0
+        )
+
+    def fits(candidate):
+        return all(divides(a, n) for a, n in zip(candidate, shape))
+
+    spec = tuple(spec)
+    sharded = [d for d, a in enumerate(spec) if a is not None]
+    for i, first in enumerate(sharded):
+        for second in sharded[i + 1:]:
+            candidate = list(spec)
+            candidate[first], candidate[second] = spec[second], spec[first]
+            if fits(candidate):
+                return tuple(candidate)
+    return tuple(a if divides(a, n) else None for a, n in zip(spec, shape))
 
 
 class LogicalRules:
@@ -180,10 +206,16 @@ class LogicalRules:
 
 
 class PathRules:
-    """Ordered ``(regex, spec)`` rules over variable paths, matched in full."""
+    """Ordered ``(regex, spec)`` rules over variable paths, matched in full.
 
-    def __init__(self):
+    ``exact_first=True`` gives keras ``LayoutMap``'s lookup order: a rule
+    whose pattern *is* the path wins outright; only otherwise are the
+    patterns matched as regexes (and two matches are an error).
+    """
+
+    def __init__(self, *, exact_first=False):
         self._rules: list[tuple[str, re.Pattern, tuple]] = []
+        self.exact_first = exact_first
 
     def add(self, pattern, spec):
         if not isinstance(pattern, str) or not pattern:
@@ -215,16 +247,31 @@ class PathRules:
                         f"not on the mesh; its axes are {list(mesh.axis_names)}."
                     )
 
-    def match(self, path):
+    def match(self, path, *, what="Variable"):
         """The spec of the one rule matching ``path`` in full, else ``None``."""
+        rule = self.match_rule(path, what=what)
+        return rule[1] if rule else None
+
+    def match_rule(self, path, *, what="Variable"):
+        """``(pattern, spec)`` of the one rule matching ``path``, else None.
+        ``what`` names the kind of path in the ambiguity error."""
+        if self.exact_first:
+            for p, _, s in self._rules:
+                if p == path:
+                    return p, s
         hits = [(p, s) for p, c, s in self._rules if c.fullmatch(path)]
         if len(hits) > 1:
             raise ShardingError(
-                f"Variable {path!r} matches more than one layout rule: "
+                f"{what} {path!r} matches more than one layout rule: "
                 f"{hits[0][0]!r} -> {hits[0][1]!r} and {hits[1][0]!r} -> "
                 f"{hits[1][1]!r}. Make the patterns exclusive."
             )
-        return hits[0][1] if hits else None
+        return hits[0] if hits else None
+
+    def copy(self):
+        out = PathRules(exact_first=self.exact_first)
+        out._rules = list(self._rules)
+        return out
 
     def __iter__(self):
         return iter((p, s) for p, _, s in self._rules)
