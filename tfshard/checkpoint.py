@@ -29,8 +29,19 @@ Atomic commits
     the latest checkpoint, leaves the previous ones intact, and its remains
     are deleted by the next save. ``max_to_keep`` deletes the oldest committed
     checkpoints only after the new one is committed. The latest checkpoint is
-    the committed one with the highest step. One process writes to a
+    the committed one with the highest step. One job writes to a
     directory at a time.
+
+Several processes (multi-client)
+    In a multi-client job every process calls ``save_checkpoint`` and
+    ``restore_checkpoint`` (they are collective). Each process writes its own
+    devices' shards into the same temporary directory (a shared file system
+    across hosts); process 0 alone cleans up, creates the temporary
+    directory, and, once every process reports its shards written, writes
+    the manifest, renames and commits. The other processes wait for each of
+    these steps and raise if it failed anywhere. A plain (unsharded) model is
+    written by process 0. The checkpoint does not record the process count:
+    one saved by 2 processes restores in 1, and the other way round.
 
 Validation before restore
     The manifest is compared with the model before any variable is touched.
@@ -58,6 +69,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfshard import multi_client
 from tfshard._version import __version__
 from tfshard.errors import TfshardError
 from tfshard.strategy import current_strategy
@@ -452,17 +464,26 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
     max_to_keep = _check_count("save_checkpoint(max_to_keep=...)", max_to_keep, 1)
     strategy = strategy_of_model(model)
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    _clean_up(directory)
     step = _check_count("save_checkpoint(step=...)", step, 0)
+    # In a multi-client job every process runs this function; process 0
+    # alone changes the directory (clean-up, temp dir, rename, marker,
+    # pruning) and every process writes its own devices' shards in between.
+    # run_on_chief and all_succeeded are the barriers that order them.
+    chief = multi_client.is_chief()
     if step is None:
-        step = _default_step(model, directory)
+        step = _default_step(model, directory)  # the same on every process
     final = os.path.join(directory, f"ckpt-{step}")
-    if os.path.exists(final):
-        raise CheckpointError(
-            f"Checkpoint {final!r} already exists. Pass another step= to "
-            "save_checkpoint, or delete the old checkpoint first."
-        )
+
+    def prepare():
+        os.makedirs(directory, exist_ok=True)
+        _clean_up(directory)
+        if os.path.exists(final):
+            raise CheckpointError(
+                f"Checkpoint {final!r} already exists. Pass another step= to "
+                "save_checkpoint, or delete the old checkpoint first."
+            )
+
+    multi_client.run_on_chief("save_checkpoint (prepare)", prepare, error=CheckpointError)
 
     _build_optimizer(model, strategy)
     model_entries = _model_entries(model)
@@ -485,16 +506,16 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
     }
     manifest_text = json.dumps(manifest, indent=1)  # fail before writing anything
 
-    tmp = os.path.join(directory, f"{_TMP_PREFIX}{step}-{uuid.uuid4().hex[:8]}")
-    os.mkdir(tmp)
+    def make_tmp():
+        path = os.path.join(directory, f"{_TMP_PREFIX}{step}-{uuid.uuid4().hex[:8]}")
+        os.mkdir(path)
+        return path
+
+    tmp = multi_client.run_on_chief("save_checkpoint (temp dir)", make_tmp, error=CheckpointError)
     renamed = False
-    try:
-        tracked = {"model": model}
-        if optimizer is not None:
-            tracked["optimizer"] = optimizer
-        root = tf.train.Checkpoint(**tracked)
-        with _scope_of(strategy):
-            root.write(os.path.join(tmp, VARIABLES_PREFIX))
+
+    def commit():
+        nonlocal renamed
         _write_file(os.path.join(tmp, MANIFEST), manifest_text)
         _fsync_tree(tmp)
         _run_hook("written", tmp)
@@ -507,10 +528,30 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
         _write_file(marker + ".tmp", json.dumps({"step": step}) + "\n")
         os.rename(marker + ".tmp", marker)
         _fsync(final, directory=True)
+
+    try:
+        tracked = {"model": model}
+        if optimizer is not None:
+            tracked["optimizer"] = optimizer
+        root = tf.train.Checkpoint(**tracked)
+        failure = None
+        try:
+            # Sharded variables: each process writes its devices' shards. A
+            # plain model is whole in every process: process 0 writes it.
+            if strategy is not None or chief:
+                with _scope_of(strategy):
+                    root.write(os.path.join(tmp, VARIABLES_PREFIX))
+        except Exception as err:
+            failure = err
+        # Every process's shards are on disk before process 0 commits.
+        multi_client.all_succeeded("save_checkpoint (write)", failure, error=CheckpointError)
+        multi_client.run_on_chief("save_checkpoint (commit)", commit, error=CheckpointError)
     except BaseException:
-        _remove(final if renamed else tmp)
+        if chief:
+            _remove(final if renamed else tmp)
         raise
-    _prune(directory, max_to_keep, keep=final)
+    if chief:
+        _prune(directory, max_to_keep, keep=final)
     return final
 
 

@@ -27,3 +27,13 @@ class VirtualDeviceError(TfshardError, RuntimeError):
 
 class StrategyError(TfshardError):
     """A strategy is built or used in a way that cannot work."""
+
+
+class MultiClientError(TfshardError):
+    """Multi-client (multi-process) settings are missing, malformed or
+    contradict each other, or are applied too late."""
+
+
+class ProcessLostError(RuntimeError):
+    """Another process of a multi-client job died or cannot be reached, so
+    this process cannot continue (its collectives would never complete)."""

@@ -56,6 +56,13 @@ def detect_device_type() -> str:
     return "CPU"
 
 
+def _num_clients() -> int:
+    """Processes in the DTensor job (1 unless multi-client was initialized)."""
+    if not _dtensor.accelerator_system_initialized():
+        return 1
+    return _dtensor.num_clients()
+
+
 def _normalize_device(name: str, device_type: str) -> str:
     spec = tf.DeviceSpec.from_string(name)
     if spec.device_type is None:
@@ -69,7 +76,7 @@ def _normalize_device(name: str, device_type: str) -> str:
             f"mesh is of type {device_type}; a mesh uses one device type."
         )
     full = tf.DeviceSpec(
-        job=spec.job or "localhost",
+        job=spec.job or _dtensor.job_name(),
         replica=spec.replica if spec.replica is not None else 0,
         task=spec.task if spec.task is not None else 0,
         device_type=device_type,
@@ -111,7 +118,10 @@ class Mesh:
             )
         self._device_type = device_type
 
-        if devices is None:
+        clients = _num_clients()
+        if devices is None and clients > 1:
+            devices = self._global_devices(device_type, clients)
+        elif devices is None:
             available = _dtensor.logical_devices(device_type)
             if len(available) < self._size:
                 hint = (
@@ -127,6 +137,14 @@ class Mesh:
                 )
             devices = available[: self._size]
         else:
+            if clients > 1:
+                missing = [d for d in devices if tf.DeviceSpec.from_string(str(d)).task is None]
+                if missing:
+                    raise MeshError(
+                        f"Mesh: in a multi-client job every device must name its "
+                        f"process, e.g. '/job:worker/task:1/device:{device_type}:0'; "
+                        f"got {missing[0]!r}."
+                    )
             devices = [_normalize_device(str(d), device_type) for d in devices]
             if len(devices) != self._size:
                 raise MeshError(
@@ -139,9 +157,50 @@ class Mesh:
                     f"Mesh: devices= lists a device twice: {devices}."
                 )
         self._devices = tuple(devices)
-        self._dtensor_mesh = _dtensor.make_mesh(
-            self._axis_names, self._shape, self._devices, device_type
+        local = None if clients == 1 else self._local_indices(clients)
+        self._local_devices = (
+            self._devices if local is None else tuple(self._devices[i] for i in local)
         )
+        self._dtensor_mesh = _dtensor.make_mesh(
+            self._axis_names, self._shape, self._devices, device_type, local
+        )
+
+    def _global_devices(self, device_type, clients):
+        """Default devices of a multi-client mesh: the first size/clients
+        devices of every process, process 0's first (so the first mesh axis,
+        usually the data axis, splits across processes)."""
+        if self._size % clients:
+            raise MeshError(
+                f"Mesh {self._describe_axes()} has {self._size} devices, which "
+                f"cannot be spread evenly over the {clients} processes of this "
+                f"job; use a mesh whose size is a multiple of {clients}."
+            )
+        per_process = self._size // clients
+        available = _dtensor.logical_devices(device_type)
+        if len(available) < per_process:
+            raise MeshError(
+                f"Mesh {self._describe_axes()} needs {per_process} {device_type} "
+                f"devices in each of the {clients} processes, but this process has "
+                f"{len(available)}; start each process with devices_per_process="
+                f"{per_process} (tfshard launch --devices-per-process {per_process})."
+            )
+        return [
+            name
+            for task in range(clients)
+            for name in _dtensor.device_names(device_type, per_process, task)
+        ]
+
+    def _local_indices(self, clients):
+        """Mesh positions whose device belongs to this process."""
+        here = _dtensor.task_name() + "/"
+        local = [i for i, d in enumerate(self._devices) if d.startswith(here)]
+        if len(local) * clients != self._size:
+            raise MeshError(
+                f"Mesh {self._describe_axes()}: this process holds {len(local)} of "
+                f"its {self._size} devices; in a job of {clients} processes each "
+                f"must hold {self._size // clients}."
+            )
+        return local
 
     @staticmethod
     def _validate_axes(axes):
@@ -207,6 +266,12 @@ class Mesh:
     @property
     def devices(self) -> tuple:
         return self._devices
+
+    @property
+    def local_devices(self) -> tuple:
+        """The devices of this mesh that belong to this process (all of them
+        outside a multi-client job)."""
+        return self._local_devices
 
     @property
     def device_type(self) -> str:

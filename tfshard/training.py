@@ -20,14 +20,16 @@ the progress bar, metrics, validation and History stay Keras's own.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 
 import numpy as np
 import tensorflow as tf
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight as _unpack
 
-from tfshard import _dtensor, _keras
+from tfshard import _dtensor, _keras, multi_client
 from tfshard.errors import StrategyError
 from tfshard.strategy import VariableLayout, current_strategy, strategy_of_layer
 
@@ -106,8 +108,15 @@ def _leading_dim(data):
     return None
 
 
-def shard_batch(strategy, data):
-    """Place a host batch on the mesh, split over the data axis if it can."""
+def shard_batch(strategy, data, process_local=False):
+    """Place a host batch on the mesh, split over the data axis if it can.
+
+    In a multi-client job each process packs only its local devices' slices.
+    With ``process_local`` the batch holds only this process's rows of the
+    global batch (see ``tfshard.multi_client.InputContext``).
+    """
+    if process_local and multi_client.is_multi_client():
+        return _shard_process_batch(strategy, data)
     n = _leading_dim(data)
     split = (
         strategy.data_axis is not None
@@ -123,6 +132,54 @@ def shard_batch(strategy, data):
         return _dtensor.distribute(array, strategy.dtensor_layout(spec[: array.ndim]))
 
     return tree.map_structure(place, data)
+
+
+def _shard_process_batch(strategy, data):
+    context = multi_client.input_context(strategy)
+    rows = _leading_dim(data)
+    if rows is None or int(rows) == 0 or int(rows) % context.local_data_parallel:
+        raise StrategyError(
+            f"A per-process batch of {rows} rows cannot be split over the "
+            f"{context.local_data_parallel} data-parallel position(s) of this process "
+            f"(data axis {strategy.data_axis!r}). Every process must yield batches "
+            "of one size that divides evenly: batch with drop_remainder=True, or "
+            "use InputContext.shard_dataset."
+        )
+    rows = int(rows)
+    origin = context.input_shard_index * rows
+    global_rows = context.num_input_shards * rows
+
+    def place(x):
+        if x is None:
+            return None
+        array = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
+        spec = (strategy.data_axis,) + (None,) * (array.ndim - 1)
+        layout = strategy.dtensor_layout(spec[: array.ndim])
+        return _dtensor.distribute_local(array, layout, origin, global_rows)
+
+    return tree.map_structure(place, data)
+
+
+# Per model, which step kinds ("train", "test", "predict") get per-process
+# batches in the current fit/evaluate/predict call.
+_PROCESS_LOCAL_INPUT = weakref.WeakKeyDictionary()
+
+
+def _process_local(model, kind):
+    return _PROCESS_LOCAL_INPUT.get(model, {}).get(kind, False)
+
+
+@contextlib.contextmanager
+def _collective_errors():
+    """In a multi-client job, a step whose collectives fail because another
+    process is gone raises ProcessLostError instead of a raw gRPC error."""
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.AbortedError,
+            tf.errors.DeadlineExceededError, tf.errors.CancelledError) as err:
+        if not multi_client.is_multi_client():
+            raise
+        raise multi_client.process_lost_error("A step's collectives", err) from err
 
 
 def _to_host(outputs):
@@ -208,7 +265,7 @@ def _ensure_built(model, strategy, data):
         model(x, training=False)
 
 
-def _iterator_function(model, strategy, step_fn):
+def _iterator_function(model, strategy, step_fn, kind):
     """Keras's ``train_function``/``test_function`` contract: pull up to
     ``steps_per_execution`` batches from the iterator, run the step on each,
     return the last logs (``StopIteration`` when the iterator is empty)."""
@@ -216,29 +273,33 @@ def _iterator_function(model, strategy, step_fn):
 
     def function(iterator):
         outputs = None
-        for _, data in zip(range(model.steps_per_execution), iterator):
-            outputs = step(shard_batch(strategy, data))
-        if outputs is None:
-            raise StopIteration
-        return _to_host(outputs)
+        local = _process_local(model, kind)
+        with _collective_errors():
+            for _, data in zip(range(model.steps_per_execution), iterator):
+                outputs = step(shard_batch(strategy, data, local))
+            if outputs is None:
+                raise StopIteration
+            return _to_host(outputs)
 
     function.step = step
     return function
 
 
 def make_train_function(model, strategy):
-    return _iterator_function(model, strategy, model.train_step)
+    return _iterator_function(model, strategy, model.train_step, "train")
 
 
 def make_test_function(model, strategy):
-    return _iterator_function(model, strategy, model.test_step)
+    return _iterator_function(model, strategy, model.test_step, "test")
 
 
 def make_predict_function(model, strategy):
     step = _Step(model, model.predict_step, strategy)
 
     def function(data):
-        outputs = [_to_host(step(shard_batch(strategy, d))) for d in data]
+        local = _process_local(model, "predict")
+        with _collective_errors():
+            outputs = [_to_host(step(shard_batch(strategy, d, local))) for d in data]
         if len(outputs) > 1:
             outputs = [tree.map_structure(lambda *parts: np.concatenate(parts), *outputs)]
         # Keras's predict loop expects tensors (it calls .numpy() on them).
@@ -289,8 +350,30 @@ def _run(model, method, original, args, kwargs):
                 validation[0] if isinstance(validation, tuple) else validation,
                 argument="validation_batch_size",
             )
-    with strategy._ensure_scope():
-        return original(model, *args, **kwargs)
+    # Which batches hold only this process's rows (multi_client.process_local).
+    validation = arguments.get("validation_data") if method == "fit" else None
+    kind = {"fit": "train", "evaluate": "test", "predict": "predict"}.get(method)
+    modes = dict(_PROCESS_LOCAL_INPUT.get(model, {}))
+    nested = (arguments.get("kwargs") or {}).get("_use_cached_eval_dataset")
+    if kind is not None and not nested:  # fit's own validation keeps fit's mode
+        modes[kind] = multi_client.is_process_local(x)
+    if method == "fit":
+        modes["test"] = multi_client.is_process_local(validation)
+    previous = _PROCESS_LOCAL_INPUT.get(model)
+    _PROCESS_LOCAL_INPUT[model] = modes
+    if not multi_client.is_chief() and arguments.get("verbose", "auto") != 0:
+        # Progress bars and per-epoch logs from process 0 only.
+        bound = inspect.signature(original).bind(model, *args, **kwargs)
+        bound.arguments["verbose"] = 0
+        args, kwargs = bound.args[1:], bound.kwargs
+    try:
+        with strategy._ensure_scope():
+            return original(model, *args, **kwargs)
+    finally:
+        if previous is None:
+            _PROCESS_LOCAL_INPUT.pop(model, None)
+        else:
+            _PROCESS_LOCAL_INPUT[model] = previous
 
 
 def install():

@@ -1,0 +1,709 @@
+"""Scale out across processes and hosts with DTensor multi-client.
+
+Every process runs the same program (SPMD). Each brings its own devices (GPUs,
+TPU cores, or virtual CPUs) and one ``tfshard.Mesh`` spans the devices of all
+of them. Communication is TensorFlow's own distributed runtime: a gRPC server
+per process, DTensor's collectives between them, and TensorFlow's
+coordination service (hosted by process 0) for start-up, heartbeats and
+barriers. tfshard adds validation, clear errors, per-process input and
+process-0-only side effects around it.
+
+    import tfshard
+    tfshard.initialize_multi_client()   # first thing: reads DTENSOR_* env vars
+    mesh = tfshard.Mesh({"batch": 2, "model": 4})   # over all processes' devices
+
+``tfshard launch --processes 2 --devices-per-process 4 -- python train.py``
+starts the processes on one machine with the environment set; on a cluster,
+start one process per host with the same ``DTENSOR_JOBS`` list and each its
+own ``DTENSOR_CLIENT_ID`` (see the README).
+
+What every process must do the same way
+    Run the same code, in the same order: build the same models, call
+    ``fit``/``evaluate``/``predict``/``save_checkpoint``/``to_numpy`` with
+    the same arguments and the same number of batches. A collective waits
+    until every process reaches it. When a process dies or stops responding,
+    the others raise :class:`tfshard.errors.ProcessLostError` instead of
+    waiting for ever (see ``heartbeat_timeout``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import weakref
+
+from tfshard import _dtensor
+from tfshard.errors import MultiClientError, ProcessLostError
+
+__all__ = [
+    "initialize_multi_client",
+    "ClusterSpec",
+    "cluster",
+    "is_multi_client",
+    "client_id",
+    "num_clients",
+    "is_chief",
+    "barrier",
+    "run_on_chief",
+    "all_succeeded",
+    "broadcast",
+    "InputContext",
+    "input_context",
+    "process_local",
+    "is_process_local",
+]
+
+ENV_CLIENT_ID = "DTENSOR_CLIENT_ID"
+ENV_NUM_CLIENTS = "DTENSOR_NUM_CLIENTS"
+ENV_JOB_NAME = "DTENSOR_JOB_NAME"
+ENV_JOBS = "DTENSOR_JOBS"
+ENV_DEVICES_PER_PROCESS = "TFSHARD_DEVICES_PER_PROCESS"
+ENV_DEVICE_TYPE = "TFSHARD_DEVICE_TYPE"
+ENV_NCCL = "DTENSOR_GPU_USE_NCCL_COMMUNICATION"
+
+_DEVICE_TYPES = ("CPU", "GPU", "TPU")
+_JOB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-/]+):(?P<port>\d+)$")
+
+# Default waits (seconds) for coordination between processes. A dead process
+# is normally noticed much sooner: its peers' gRPC calls are refused.
+DEFAULT_TIMEOUT = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    """The multi-client job this process belongs to."""
+
+    client_id: int
+    num_clients: int
+    job_name: str
+    jobs: tuple
+    device_type: str
+    devices_per_process: int
+    seed: int | None
+    timeout: float
+
+    @property
+    def is_chief(self) -> bool:
+        """Process 0: it writes logs, metrics and checkpoint commits."""
+        return self.client_id == 0
+
+    @property
+    def multi_client(self) -> bool:
+        return self.num_clients > 1
+
+
+_CLUSTER = None  # the ClusterSpec, once initialized
+_COUNTERS = {}  # barrier / broadcast name -> calls so far (same on every process)
+
+
+# ------------------------------------------------------------- settings
+def _env(name):
+    value = os.environ.get(name)
+    return None if value is None or value.strip() == "" else value.strip()
+
+
+def _as_int(name, value, source):
+    if isinstance(value, bool):
+        raise MultiClientError(f"{name}={value!r} ({source}) must be an integer.")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise MultiClientError(
+            f"{name}={value!r} ({source}) is not an integer."
+        ) from None
+
+
+def _pick(name, argument, env_name, convert=lambda v, source: v):
+    """The argument, else the environment variable; both set and different
+    is an error (a launcher and the code disagree about the cluster)."""
+    env_value = _env(env_name)
+    if argument is not None:
+        value = convert(argument, f"argument {name}")
+        if env_value is not None and convert(env_value, f"${env_name}") != value:
+            raise MultiClientError(
+                f"initialize_multi_client({name}={argument!r}) contradicts the "
+                f"environment variable {env_name}={env_value!r}. Pass the "
+                f"argument or set the variable, not both (or make them agree)."
+            )
+        return value
+    if env_value is not None:
+        return convert(env_value, f"${env_name}")
+    return None
+
+
+def _parse_jobs(value, source):
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(",")]
+    else:
+        try:
+            items = [str(item).strip() for item in value]
+        except TypeError:
+            raise MultiClientError(
+                f"jobs={value!r} ({source}) must be a list of 'host:port' "
+                "strings or a comma-separated string."
+            ) from None
+    items = [item for item in items if item]
+    for item in items:
+        match = _ADDRESS.match(item)
+        if not match or not 0 < int(match.group("port")) < 65536:
+            raise MultiClientError(
+                f"jobs entry {item!r} ({source}) is not 'host:port' with a port "
+                "in 1..65535, e.g. '10.0.0.1:12345' or 'localhost:12345'."
+            )
+    duplicates = sorted({item for item in items if items.count(item) > 1})
+    if duplicates:
+        raise MultiClientError(
+            f"jobs ({source}) lists {duplicates} more than once; every process "
+            "needs its own host:port."
+        )
+    return tuple(items)
+
+
+def _resolve_device_type(device_type):
+    if device_type is None:
+        return _dtensor.preferred_device_type()
+    kind = str(device_type).upper()
+    if kind not in _DEVICE_TYPES:
+        raise MultiClientError(
+            f"device_type={device_type!r} is not one of {_DEVICE_TYPES}."
+        )
+    return kind
+
+
+def _resolve_devices(device_type, devices_per_process):
+    """How many devices of ``device_type`` this process brings."""
+    if device_type == "CPU":
+        if devices_per_process is None:
+            return 1
+        return devices_per_process
+    present = _dtensor.physical_device_count(device_type)
+    if present == 0:
+        raise MultiClientError(
+            f"device_type={device_type!r} but this process sees no "
+            f"{device_type}. Check the drivers and CUDA_VISIBLE_DEVICES, or use "
+            "device_type='CPU'."
+        )
+    if devices_per_process is None:
+        return present
+    if device_type == "TPU" and devices_per_process != present:
+        raise MultiClientError(
+            f"devices_per_process={devices_per_process} but this host has "
+            f"{present} TPU cores; DTensor meshes on TPU use every core. Leave "
+            "devices_per_process unset."
+        )
+    if devices_per_process > present:
+        raise MultiClientError(
+            f"devices_per_process={devices_per_process} but this process sees "
+            f"only {present} {device_type}(s)."
+        )
+    return devices_per_process
+
+
+def _check_timeout(name, value):
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise MultiClientError(f"{name}={value!r} must be a positive number of seconds or None.")
+    return int(value * 1000)
+
+
+def initialize_multi_client(
+    client_id=None,
+    num_clients=None,
+    jobs=None,
+    job_name=None,
+    devices_per_process=None,
+    device_type=None,
+    *,
+    seed=None,
+    timeout=DEFAULT_TIMEOUT,
+    heartbeat_timeout=None,
+    connect_timeout=DEFAULT_TIMEOUT,
+    shutdown_timeout=None,
+    gpu_use_nccl=None,
+):
+    """Join this process to a DTensor multi-client job (or set up a single
+    process's accelerators). Call it first thing, before TensorFlow starts.
+
+    Every argument left as ``None`` is read from the environment, which is
+    what ``tfshard launch`` and cluster schedulers set:
+
+    Args:
+        client_id: this process's index, ``0 .. num_clients-1``
+            (``DTENSOR_CLIENT_ID``). Process 0 hosts the coordination service
+            and is the one that writes logs, metrics and checkpoint commits.
+        num_clients: the number of processes (``DTENSOR_NUM_CLIENTS``);
+            must equal ``len(jobs)``.
+        jobs: ``"host:port"`` of every process, in client-id order, as a list
+            or comma-separated string (``DTENSOR_JOBS``). Every process gets
+            the same list. Empty or unset: a single process.
+        job_name: the TensorFlow job name in device names
+            (``DTENSOR_JOB_NAME``, default ``"worker"``).
+        devices_per_process: devices this process brings: virtual CPUs it
+            splits its host CPU into, or how many of its GPUs to use
+            (``TFSHARD_DEVICES_PER_PROCESS``; default 1 CPU, or every
+            GPU/TPU core present).
+        device_type: "CPU", "GPU" or "TPU" (``TFSHARD_DEVICE_TYPE``; default
+            detected: TPU, then GPU, then CPU).
+        seed: the random seed every process sets with
+            ``keras.utils.set_random_seed`` so that weights initialize
+            identically everywhere. Default: process 0 draws one and sends it
+            to the others.
+        timeout: seconds to wait at tfshard's own barriers (checkpoint
+            commits, start-up) before giving up.
+        heartbeat_timeout, connect_timeout, shutdown_timeout: seconds for
+            TensorFlow's coordination service: to declare a process that
+            stopped sending heartbeats dead (TensorFlow's default: 10 s), to
+            wait for every process to join at start-up (default 600 s; start-up
+            then fails with a clear error), and to wait for every process at
+            exit. ``None`` keeps TensorFlow's defaults (``connect_timeout=None``:
+            wait for ever).
+        gpu_use_nccl: use NCCL for GPU collectives
+            (``DTENSOR_GPU_USE_NCCL_COMMUNICATION``).
+
+    Returns:
+        The :class:`ClusterSpec` of the job.
+
+    Raises:
+        MultiClientError: malformed or contradictory settings, or TensorFlow
+            already started.
+    """
+    global _CLUSTER
+    requested = (client_id, num_clients, jobs, job_name, devices_per_process, device_type, seed)
+    if _CLUSTER is not None and all(value is None for value in requested):
+        return _CLUSTER  # called again (e.g. by library code): the job it joined
+    jobs = _pick("jobs", jobs, ENV_JOBS, _parse_jobs) or ()
+    num_clients = _pick(
+        "num_clients", num_clients, ENV_NUM_CLIENTS, lambda v, s: _as_int("num_clients", v, s)
+    )
+    client_id = _pick(
+        "client_id", client_id, ENV_CLIENT_ID, lambda v, s: _as_int("client_id", v, s)
+    )
+    job_name = _pick("job_name", job_name, ENV_JOB_NAME, lambda v, s: str(v))
+    devices_per_process = _pick(
+        "devices_per_process",
+        devices_per_process,
+        ENV_DEVICES_PER_PROCESS,
+        lambda v, s: _as_int("devices_per_process", v, s),
+    )
+    device_type = _pick("device_type", device_type, ENV_DEVICE_TYPE, lambda v, s: str(v).upper())
+
+    if num_clients is None:
+        num_clients = max(len(jobs), 1)
+    if num_clients < 1:
+        raise MultiClientError(f"num_clients={num_clients} must be at least 1.")
+    if num_clients > 1 and not jobs:
+        raise MultiClientError(
+            f"num_clients={num_clients} but no jobs are given: pass jobs=[...] "
+            f"or set {ENV_JOBS}='host0:port,host1:port,...' with one host:port "
+            "per process (the same list in every process)."
+        )
+    if jobs and len(jobs) != num_clients:
+        raise MultiClientError(
+            f"num_clients={num_clients} but jobs lists {len(jobs)} processes "
+            f"({', '.join(jobs)}); give one host:port per process."
+        )
+    if client_id is None:
+        if num_clients > 1:
+            raise MultiClientError(
+                f"This process is one of {num_clients} but does not know which: "
+                f"pass client_id= or set {ENV_CLIENT_ID} (0 .. {num_clients - 1})."
+            )
+        client_id = 0
+    if not 0 <= client_id < num_clients:
+        raise MultiClientError(
+            f"client_id={client_id} is out of range for num_clients={num_clients}; "
+            f"use 0 .. {num_clients - 1}."
+        )
+    if job_name is None:
+        job_name = "worker" if num_clients > 1 else "localhost"
+    if not _JOB_NAME.match(job_name):
+        raise MultiClientError(
+            f"job_name={job_name!r} must start with a letter and contain only "
+            "letters, digits, '_' and '-'."
+        )
+    if devices_per_process is not None and devices_per_process < 1:
+        raise MultiClientError(
+            f"devices_per_process={devices_per_process} must be at least 1."
+        )
+    heartbeat_ms = _check_timeout("heartbeat_timeout", heartbeat_timeout)
+    connect_ms = _check_timeout("connect_timeout", connect_timeout)
+    shutdown_ms = _check_timeout("shutdown_timeout", shutdown_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise MultiClientError(f"timeout={timeout!r} must be a positive number of seconds.")
+    if seed is not None:
+        seed = _as_int("seed", seed, "argument seed")
+    device_type = _resolve_device_type(device_type)
+    devices = _resolve_devices(device_type, devices_per_process)
+
+    spec = ClusterSpec(
+        client_id=client_id,
+        num_clients=num_clients,
+        job_name=job_name,
+        jobs=tuple(jobs),
+        device_type=device_type,
+        devices_per_process=devices,
+        seed=seed,
+        timeout=float(timeout),
+    )
+    if _CLUSTER is not None:
+        same = dataclasses.replace(_CLUSTER, seed=spec.seed, timeout=spec.timeout)
+        if same == spec and seed in (None, _CLUSTER.seed):
+            return _CLUSTER
+        raise MultiClientError(
+            f"initialize_multi_client was already called with {_CLUSTER}; it "
+            f"cannot be called again with {spec}. Restart the process."
+        )
+    if _dtensor.runtime_started():
+        raise MultiClientError(
+            "initialize_multi_client must run before TensorFlow starts (before "
+            "any op, tensor, model or device listing). Call it first thing in "
+            "the program, right after `import tfshard`."
+        )
+
+    # DTensor reads the cluster from these variables.
+    os.environ[ENV_CLIENT_ID] = str(client_id)
+    os.environ[ENV_NUM_CLIENTS] = str(num_clients)
+    os.environ[ENV_JOB_NAME] = job_name
+    if jobs:
+        os.environ[ENV_JOBS] = ",".join(jobs)
+    else:
+        os.environ.pop(ENV_JOBS, None)
+    if gpu_use_nccl is not None:
+        os.environ[ENV_NCCL] = "1" if gpu_use_nccl else "0"
+    if device_type == "GPU" and devices < _dtensor.physical_device_count("GPU"):
+        _dtensor.use_first_gpus(devices)
+
+    try:
+        _dtensor.start_runtime(
+            device_type,
+            num_cpu_devices=devices if device_type == "CPU" else None,
+            multi_client=num_clients > 1,
+            heartbeat_timeout_ms=heartbeat_ms,
+            shutdown_timeout_ms=shutdown_ms,
+            register_timeout_ms=connect_ms,
+        )
+    except Exception as err:  # DTensor raises ValueError / RuntimeError / tf errors
+        hint = ""
+        if "Barrier timed out" in str(err) or "DeadlineExceeded" in type(err).__name__:
+            hint = (
+                f" Not every process joined within connect_timeout={connect_timeout}s: "
+                f"start all {num_clients} processes, each with its own client id and "
+                f"the same jobs list ({', '.join(jobs)}), and check that they can "
+                "reach each other."
+            )
+        elif jobs:
+            hint = (
+                f" Check that {jobs[client_id]} is free on this host and that every "
+                "process was started with the same jobs list."
+            )
+        raise MultiClientError(
+            f"Starting TensorFlow's distributed runtime failed for client "
+            f"{client_id} of {num_clients}: {type(err).__name__}: {err}.{hint}"
+        ) from err
+
+    _CLUSTER = spec
+    if num_clients > 1:
+        if seed is None:
+            seed = int(broadcast("seed", lambda: str(random.SystemRandom().randrange(1, 2**31 - 1))))
+        barrier("initialized")
+    if seed is not None:
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        _CLUSTER = dataclasses.replace(spec, seed=seed)
+    return _CLUSTER
+
+
+# ------------------------------------------------------------- queries
+def cluster():
+    """The :class:`ClusterSpec` after ``initialize_multi_client``, else None."""
+    return _CLUSTER
+
+
+def is_multi_client() -> bool:
+    return _CLUSTER is not None and _CLUSTER.num_clients > 1
+
+
+def client_id() -> int:
+    """This process's index (0 outside a multi-client job)."""
+    return 0 if _CLUSTER is None else _CLUSTER.client_id
+
+
+def num_clients() -> int:
+    return 1 if _CLUSTER is None else _CLUSTER.num_clients
+
+
+def is_chief() -> bool:
+    """True in process 0 (and in a single-process program)."""
+    return client_id() == 0
+
+
+# ------------------------------------------------------- coordination
+def _next_id(name):
+    count = _COUNTERS.get(name, 0)
+    _COUNTERS[name] = count + 1
+    return f"tfshard/{name}/{count}"
+
+
+def _timeout_ms(timeout):
+    if timeout is None:
+        timeout = _CLUSTER.timeout if _CLUSTER is not None else DEFAULT_TIMEOUT
+    return int(timeout * 1000)
+
+
+def process_lost_error(what, err):
+    """The ProcessLostError for a runtime error ``err`` met while doing ``what``."""
+    return ProcessLostError(
+        f"{what} failed on client {client_id()} of {num_clients()}: another "
+        f"process of the job died, is unreachable or did not arrive in time "
+        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+        "The job cannot continue; restart every process (from the last "
+        "checkpoint)."
+    )
+
+
+def barrier(name, timeout=None):
+    """Wait until every process reaches the barrier ``name`` (no-op in a
+    single process). Every process must call barriers in the same order.
+
+    Raises:
+        ProcessLostError: a process failed or did not arrive within
+            ``timeout`` seconds (default: the ``timeout`` given to
+            ``initialize_multi_client``).
+    """
+    if not is_multi_client():
+        return
+    barrier_id = _next_id(f"barrier/{name}")
+    try:
+        _dtensor.wait_at_barrier(barrier_id, _timeout_ms(timeout))
+    except Exception as err:
+        raise process_lost_error(f"Barrier {name!r}", err) from err
+
+
+def broadcast(name, make_value, timeout=None):
+    """``make_value()`` (a string) computed on process 0 and returned on
+    every process."""
+    if not is_multi_client():
+        return make_value()
+    key = _next_id(f"broadcast/{name}")
+    if is_chief():
+        value = make_value()
+        _dtensor.publish(key, value)
+        return value
+    try:
+        return _dtensor.fetch(key, _timeout_ms(timeout))
+    except Exception as err:
+        raise process_lost_error(f"Waiting for process 0 ({name})", err) from err
+
+
+def run_on_chief(name, function, *, error=RuntimeError, timeout=None):
+    """Run ``function()`` on process 0 only; every process returns its
+    (JSON-serializable) result, or raises if it failed there.
+
+    Process 0 re-raises its own exception; the others raise ``error`` with
+    process 0's message. In a single process this is just ``function()``.
+    """
+    if not is_multi_client():
+        return function()
+    key = _next_id(f"chief/{name}")
+    if is_chief():
+        try:
+            result = function()
+        except BaseException as err:
+            _dtensor.publish(key, json.dumps({"error": f"{type(err).__name__}: {err}"}))
+            raise
+        _dtensor.publish(key, json.dumps({"result": result}))
+        return result
+    try:
+        message = json.loads(_dtensor.fetch(key, _timeout_ms(timeout)))
+    except Exception as err:
+        raise process_lost_error(f"Waiting for process 0 ({name})", err) from err
+    if "error" in message:
+        raise error(f"{name} failed on process 0: {message['error']}")
+    return message["result"]
+
+
+def all_succeeded(name, failure=None, *, error=RuntimeError, timeout=None):
+    """Every process reports whether its part of step ``name`` failed
+    (``failure``: the exception, or None); if any did, every process raises.
+
+    The process that failed re-raises its own exception; the others raise
+    ``error`` naming the processes and their messages. It is also a barrier.
+    In a single process it just re-raises ``failure``.
+    """
+    if not is_multi_client():
+        if failure is not None:
+            raise failure
+        return
+    base = _next_id(f"status/{name}")
+    status = "ok" if failure is None else f"{type(failure).__name__}: {failure}"
+    try:
+        _dtensor.publish(f"{base}/{client_id()}", status)
+    except Exception as err:
+        raise process_lost_error(f"Reporting {name!r}", err) from err
+    barrier(name, timeout)
+    reports = {}
+    for other in range(num_clients()):
+        try:
+            reports[other] = _dtensor.fetch(f"{base}/{other}", _timeout_ms(timeout))
+        except Exception as err:
+            raise process_lost_error(f"Reading the status of {name!r}", err) from err
+    if failure is not None:
+        raise failure
+    failed = {other: message for other, message in reports.items() if message != "ok"}
+    if failed:
+        details = "; ".join(f"process {c}: {m}" for c, m in sorted(failed.items()))
+        raise error(f"{name} failed on another process: {details}")
+
+
+# ------------------------------------------------------ per-process input
+@dataclasses.dataclass(frozen=True)
+class InputContext:
+    """Which rows of every global batch this process feeds.
+
+    The data axis of a mesh is split among the processes: with 2 processes
+    of 4 devices on a ``{"batch": 2, "model": 4}`` mesh, process 0 holds the
+    devices of batch row 0 and process 1 those of row 1. So each process
+    needs only half of each global batch: ``num_input_shards == 2`` and
+    ``input_shard_index`` is 0 or 1. Processes that hold the same data-axis
+    positions (a model axis that spans processes) share an input shard and
+    must feed the same rows.
+    """
+
+    num_input_shards: int
+    input_shard_index: int
+    local_data_parallel: int  # data-axis positions on this process
+
+    def local_batch_size(self, global_batch_size):
+        """The rows of each global batch this process feeds."""
+        global_batch_size = int(global_batch_size)
+        unit = self.num_input_shards * self.local_data_parallel
+        if global_batch_size <= 0 or global_batch_size % unit:
+            raise MultiClientError(
+                f"global_batch_size={global_batch_size} cannot be split into "
+                f"{self.num_input_shards} process shards of "
+                f"{self.local_data_parallel} data-parallel device(s) each; use "
+                f"a multiple of {unit}."
+            )
+        return global_batch_size // self.num_input_shards
+
+    def shard_dataset(self, dataset, global_batch_size):
+        """This process's part of ``dataset`` (a ``tf.data.Dataset`` of
+        single examples), batched: each local batch is this process's share
+        of one global batch, and every process yields the same number of
+        batches (a final partial global batch is dropped).
+
+        The union of the processes' i-th batches is the same set of examples
+        as the i-th batch of ``dataset.batch(global_batch_size)``, so the
+        mean loss and the gradients equal a single-process run. The result
+        is marked :func:`process_local` for ``model.fit``.
+        """
+        import tensorflow as tf
+
+        local = self.local_batch_size(global_batch_size)
+        cardinality = int(dataset.cardinality())
+        if cardinality >= 0:
+            # Whole global batches only, so every shard has as many batches.
+            dataset = dataset.take(cardinality // global_batch_size * global_batch_size)
+            dataset = dataset.shard(self.num_input_shards, self.input_shard_index)
+            dataset = dataset.batch(local, drop_remainder=True)
+        else:
+            # Unknown length: batch globally, keep this process's rows.
+            begin = self.input_shard_index * local
+
+            def rows(*batch):
+                mine = tf.nest.map_structure(lambda t: t[begin : begin + local], batch)
+                return mine if len(mine) > 1 else mine[0]
+
+            dataset = dataset.batch(global_batch_size, drop_remainder=True).map(rows)
+        return process_local(dataset)
+
+
+_CONTEXTS = weakref.WeakKeyDictionary()
+
+
+def _data_positions(strategy):
+    """Per process: the sorted data-axis positions of its mesh devices."""
+    import tensorflow as tf
+
+    mesh = strategy.mesh
+    axis = strategy.data_axis
+    positions = {}
+    for flat, device in enumerate(mesh.devices):
+        task = tf.DeviceSpec.from_string(device).task or 0
+        coords = _unravel(flat, mesh.shape)
+        value = coords[mesh.axis_names.index(axis)] if axis is not None else 0
+        positions.setdefault(task, set()).add(value)
+    return {task: sorted(values) for task, values in positions.items()}
+
+
+def _unravel(flat, shape):
+    coords = []
+    for size in reversed(shape):
+        coords.append(flat % size)
+        flat //= size
+    return tuple(reversed(coords))
+
+
+def input_context(strategy) -> InputContext:
+    """The :class:`InputContext` of this process for ``strategy``'s mesh."""
+    cached = _CONTEXTS.get(strategy)
+    if cached is not None:
+        return cached
+    if not is_multi_client() or strategy.data_axis is None:
+        context = InputContext(1, 0, strategy.data_parallel_size)
+    else:
+        positions = _data_positions(strategy)
+        dp = strategy.data_parallel_size
+        mine = positions.get(client_id(), [])
+        sizes = {len(p) for p in positions.values()}
+        aligned = len(sizes) == 1 and all(
+            p == list(range(p[0], p[0] + len(p))) and p[0] % len(p) == 0
+            for p in positions.values()
+        )
+        if not mine or not aligned:
+            raise MultiClientError(
+                f"Per-process input needs every process to hold an equal, "
+                f"contiguous block of data axis {strategy.data_axis!r} "
+                f"(positions per process: {positions}). Order the mesh so the "
+                "data axis comes first (the default device order does this), "
+                "or feed every process the global batches."
+            )
+        local = len(mine)
+        context = InputContext(dp // local, mine[0] // local, local)
+    _CONTEXTS[strategy] = context
+    return context
+
+
+_PROCESS_LOCAL = weakref.WeakSet()
+
+
+def process_local(data):
+    """Mark ``data`` (a ``tf.data.Dataset``, ``keras.utils.PyDataset`` or
+    other iterable passed to ``fit``/``evaluate``/``predict``) as yielding
+    this process's rows of each global batch rather than the global batch.
+
+    Its batches are then packed as this process's part of the global batch
+    (see :class:`InputContext`); every process must yield equally many
+    batches of equal size. Returns ``data``.
+    """
+    try:
+        _PROCESS_LOCAL.add(data)
+    except TypeError:
+        raise MultiClientError(
+            f"process_local: cannot mark a {type(data).__name__}; pass a "
+            "tf.data.Dataset, a keras.utils.PyDataset or a generator object."
+        ) from None
+    return data
+
+
+def is_process_local(data) -> bool:
+    try:
+        return data in _PROCESS_LOCAL
+    except TypeError:
+        return False
