@@ -49,6 +49,11 @@ SCHEMA = {
         "width": Field(int, 32, "cnn channels", minimum=1),
         "blocks": Field(int, 2, "cnn residual blocks", minimum=1),
         "classes": Field(int, 10, "cnn classes", minimum=2),
+        "moe_experts": Field(int, 0, "experts per mixture-of-experts FFN (0: dense FFNs only)", minimum=0),
+        "moe_every": Field(int, 2, "every N-th transformer block's FFN is a mixture of experts", minimum=1),
+        "moe_top_k": Field(int, 2, "experts per token (GShard: 2, Switch: 1)", minimum=1),
+        "moe_capacity_factor": Field(float, 1.25, "expert capacity factor (> 0)", minimum=0.0),
+        "moe_group_size": Field(int, 0, "tokens per routing group (0: the whole sequence)", minimum=0),
     },
     "mesh": {
         "batch": Field(int, 2, "data-parallel axis size", minimum=1),
@@ -71,7 +76,9 @@ SCHEMA = {
         "optimizer": Field(str, "adam", "adam, adamw or sgd", ("adam", "adamw", "sgd")),
         "seed": Field(int, 0, "random seed", minimum=0),
         "checkpoint_every": Field(int, 0, "save a checkpoint every N steps (0: only at the end)", minimum=0),
-        "resume": Field(bool, True, "continue from the latest checkpoint in output.dir"),
+        "keep_checkpoints": Field(int, 3, "checkpoints kept in output.dir/checkpoints (0: all)", minimum=0),
+        "resume": Field(bool, True, "continue from the latest checkpoint in output.dir/checkpoints, "
+                                    "on any mesh (false: delete them and start afresh)"),
     },
     "output": {
         "dir": Field(str, "runs/default", "where metrics.json and checkpoints go"),
@@ -160,11 +167,43 @@ def _check_consistency(config, origin):
                 f"{origin}: model.d_model={m['d_model']} is not divisible by "
                 f"model.heads={m['heads']}."
             )
+        if m["moe_experts"]:
+            _check_moe(m, mesh, config["layout"]["rules"], origin)
     else:
         if m["width"] % tp:
             raise ConfigError(
                 f"{origin}: model.width={m['width']} is not divisible by mesh.model={tp}."
             )
+
+
+def _check_moe(m, mesh, rules, origin):
+    """The mixture-of-experts keys against each other, the mesh and the axis
+    the ``experts`` rule names (``tensor_parallel``'s axis, 'model', unless
+    the rules say otherwise)."""
+    pairs = dict(item.split(":", 1) for item in rules.replace(" ", "").split(",") if ":" in item)
+    axis = pairs.get("experts", "model") or None
+    experts, group = m["moe_experts"], m["moe_group_size"] or m["seq_len"]
+    if m["moe_top_k"] > experts:
+        raise ConfigError(f"{origin}: model.moe_top_k={m['moe_top_k']} exceeds model.moe_experts={experts}.")
+    if m["moe_capacity_factor"] <= 0:
+        raise ConfigError(f"{origin}: model.moe_capacity_factor must be > 0, got {m['moe_capacity_factor']}.")
+    if m["seq_len"] % group:
+        raise ConfigError(
+            f"{origin}: model.moe_group_size={group} does not divide model.seq_len={m['seq_len']}."
+        )
+    size = mesh.get(axis, 1) if axis else 1
+    if experts % size:
+        raise ConfigError(
+            f"{origin}: model.moe_experts={experts} is not divisible by mesh.{axis}={size} "
+            f"(the experts' axis in layout.rules); use a multiple of {size}."
+        )
+    if axis != "batch" and (m["seq_len"] // group) % size:
+        raise ConfigError(
+            f"{origin}: model.seq_len / model.moe_group_size = {m['seq_len'] // group} routing "
+            f"groups per sequence cannot be split over mesh.{axis}={size}, which holds the "
+            f"experts; use a moe_group_size giving a multiple of {size} groups, or put the "
+            f"experts on the data axis (layout.rules 'experts:batch')."
+        )
 
 
 def parse_override(text):

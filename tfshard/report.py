@@ -112,3 +112,59 @@ def communication_estimate(config):
     if dp == 1 and tp == 1:
         lines.append("  none (one device)")
     return "\n".join(lines)
+
+
+def per_device_bytes_by_group(variables, groups):
+    """Per-device bytes of ``variables`` summed by group, for memory plots.
+
+    ``groups`` maps a label to a regex searched in each variable's path, in
+    order; the first label that matches takes the variable, the rest go to
+    ``"other"``. Returns ``{label: bytes}`` in the order of ``groups``
+    (``"other"`` last, only if it has bytes).
+    """
+    import re
+
+    totals = {label: 0 for label in groups}
+    totals["other"] = 0
+    for row in variable_rows(variables):
+        label = next((k for k, pattern in groups.items() if re.search(pattern, row["path"])), "other")
+        totals[label] += row["per_device_bytes"]
+    if not totals["other"]:
+        del totals["other"]
+    return totals
+
+
+def device_tiles(spec, shape, mesh):
+    """Which piece of a tensor of global ``shape`` laid out as ``spec`` each
+    device of ``mesh`` holds: a list, in device order, of
+    ``{"device", "coords" (axis -> index), "slices" (one per dimension)}``.
+    Device ``i`` is the ``i``-th mesh coordinate in row-major order, the
+    order of :func:`device_shards` (and of ``describe_tiling``)."""
+    from tfshard.layout import validate_spec
+
+    spec = validate_spec(tuple(spec), tuple(shape), mesh, name="device_tiles")
+    axes = mesh.axis_names
+    tiles = []
+    for device, coord in enumerate(np.ndindex(*mesh.shape)):
+        where = dict(zip(axes, coord))
+        slices = []
+        for axis, size in zip(spec, shape):
+            step = size // mesh.axis_size(axis) if axis else size
+            start = where[axis] * step if axis else 0
+            slices.append(slice(start, start + step))
+        tiles.append({"device": device, "coords": where, "slices": tuple(slices)})
+    return tiles
+
+
+def device_shards(x):
+    """The pieces of a sharded tensor or variable that the devices hold, as
+    numpy arrays in device order (see :func:`device_tiles`)."""
+    from tfshard import _dtensor
+    from tfshard.errors import ShardingError
+
+    if not _dtensor.is_dtensor(x):
+        raise ShardingError(
+            f"device_shards: {getattr(x, 'path', type(x).__name__)} is not on a mesh; "
+            "create it in strategy.scope() or place it with strategy.place(x, spec)."
+        )
+    return [np.asarray(piece.numpy()) for piece in _dtensor.unpack(x)]
