@@ -29,9 +29,34 @@ def tiny_transformer(*overrides):
     return config_lib.load(os.path.join(CONFIGS, "transformer_2x4.yaml"), TINY + list(overrides))
 
 
+def mlp_step_collectives(blocks):
+    """Collectives of one training step of ``blocks`` Megatron MLP blocks
+    (column-parallel up, row-parallel down) on 2x4, by stage."""
+    import keras
+    import tfshard
+    from tfshard.layers import ColumnParallelDense, RowParallelDense
+
+    mesh = tfshard.Mesh({"batch": 2, "model": 4})
+    strategy = tfshard.StrategyBuilder(mesh).data_parallel("batch").tensor_parallel("model").build()
+    with strategy.scope():
+        layers = [keras.Input((16,))]
+        for i in range(blocks):
+            layers += [ColumnParallelDense(64, activation="relu", name=f"up{i}"),
+                       RowParallelDense(16, name=f"down{i}")]
+        model = keras.Sequential(layers)
+        model.compile(optimizer="adam", loss="mse")
+    x = np.random.RandomState(0).randn(8, 16).astype("float32")
+    with comm._dump_dir() as directory:
+        model.fit(x, x, batch_size=8, epochs=1, verbose=0)
+        return {
+            stage: comm.parse_dump_dir(directory, stage, program=bench.TRAIN_STEP_PROGRAM)[0]
+            for stage in ("expanded", "optimized")
+        }
+
+
 def measure_block_collectives():
     """Runs in a child process with DTensor's pass dumps on."""
-    out = {}
+    out = {f"mlp{n}": mlp_step_collectives(n) for n in (1, 2)}
     for layers in (1, 2):
         config = tiny_transformer(f"model.layers={layers}")
         for shape in ((2, 4), (8, 1)):
@@ -52,6 +77,18 @@ def test_a_transformer_block_costs_megatrons_four_all_reduces(block_collectives)
     # 2 forward (attention output, FFN output), 2 backward (the input
     # gradients of the column-parallel QKV and FFN-in projections).
     assert block == {("all_reduce", "model"): 4}, block
+
+
+def test_an_mlp_block_costs_two_all_reduces(block_collectives):
+    """Column -> row MLP block: identity forward / all-reduce backward at the
+    column layer's input, all-reduce forward at the row layer's output."""
+    block = block_collectives["mlp2"]["optimized"].copy()
+    block.subtract(block_collectives["mlp1"]["optimized"])
+    assert {k: n for k, n in block.items() if n} == {("all_reduce", "model"): 2}, block
+    one = block_collectives["mlp1"]["optimized"]
+    # The first block's input needs no gradient: only its forward all-reduce,
+    # plus the one combined data-parallel gradient all-reduce.
+    assert one == {("all_reduce", "model"): 1, ("all_reduce", "batch"): 1}, one
 
 
 def test_no_hidden_gathers_and_one_combined_gradient_all_reduce(block_collectives):
@@ -106,6 +143,15 @@ def test_bench_times_every_mesh_with_one_trace(capsys):
     plain = results["runs"]["plain keras 1 device"]["per_device_bytes"]
     assert results["runs"]["tfshard 1x1"]["per_device_bytes"] == plain
     assert results["runs"]["tfshard 2x4"]["per_device_bytes"] < plain / 2
+
+
+def test_results_serialize_to_json():
+    import json
+
+    counts = comm.CollectiveCounts({("all_reduce", "model"): 4, ("all_gather", ("batch", "model")): 1})
+    text = json.dumps(bench.to_json({"collectives": {"2x4": {"optimized": counts}}, "steps": 3}))
+    back = json.loads(text)["collectives"]["2x4"]["optimized"]
+    assert comm.CollectiveCounts.from_list(back) == counts
 
 
 def test_mesh_list_errors_name_the_value():

@@ -1,5 +1,6 @@
 """Config validation and the CLI."""
 
+import glob
 import json
 import os
 
@@ -92,9 +93,15 @@ SMALL = ["--set", "model.layers=1", "--set", "model.seq_len=16", "--set", "train
          "--set", "data.max_bytes=200000", "--set", "data.eval_batches=1"]
 
 
-@pytest.mark.parametrize(
-    "name", ["transformer_2x4", "transformer_1x8", "transformer_8x1", "cnn_2x4_spatial"]
+# Every shipped config (cnn_2x4_channels has its own, fuller test above).
+EVERY_CONFIG = sorted(
+    os.path.basename(p)[: -len(".yaml")]
+    for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))
+    if not p.endswith("cnn_2x4_channels.yaml")
 )
+
+
+@pytest.mark.parametrize("name", EVERY_CONFIG)
 def test_cli_smoke_every_config(name, tmp_path, capsys):
     extra = SMALL if name.startswith("transformer") else ["--set", "data.eval_batches=1"]
     code = cli.main(

@@ -14,9 +14,13 @@ from tfshard.errors import (  # noqa: E402
     StrategyError,
     TfshardError,
     VirtualDeviceError,
+    MultiClientError,
+    ProcessLostError,
 )
 from tfshard.layout import KEEP, LogicalRules, PathRules, validate_spec  # noqa: E402
 from tfshard.mesh import Mesh, use_virtual_devices  # noqa: E402
+from tfshard import multi_client  # noqa: E402
+from tfshard.multi_client import initialize_multi_client  # noqa: E402
 from tfshard.strategy import (  # noqa: E402
     Strategy,
     StrategyBuilder,
@@ -40,8 +44,12 @@ from tfshard.checkpoint import (  # noqa: E402
     save_checkpoint,
 )
 
+from tfshard import interop  # noqa: E402
+from tfshard.interop import enable_keras_distribution  # noqa: E402
+
 _install_hooks()
 _training.install()
+enable_keras_distribution()  # keras.distribution acts on TensorFlow through tfshard
 
 __all__ = [
     "__version__",
@@ -54,6 +62,8 @@ __all__ = [
     "local_shape",
     "to_numpy",
     "layers",
+    "interop",
+    "enable_keras_distribution",
     "losses",
     "comm",
     "callbacks",
@@ -74,4 +84,8 @@ __all__ = [
     "ShardingError",
     "StrategyError",
     "VirtualDeviceError",
+    "MultiClientError",
+    "ProcessLostError",
+    "multi_client",
+    "initialize_multi_client",
 ]

@@ -76,6 +76,21 @@ def current_call_context():
     return global_state.get_global_attribute("current_call_ctx")
 
 
+def keras_distribution():
+    """The active ``keras.distribution`` distribution, or None."""
+    return keras.distribution.distribution()
+
+
+def layer_path(layer):
+    """The name-scope path Keras gives a layer's call (``layer.path`` once
+    built), the prefix of its ``"<path>/output"`` layout key."""
+    path = getattr(layer, "_path", None)
+    if path:
+        return path
+    parent = getattr(layer, "_parent_path", None)
+    return f"{parent}/{layer.name}" if parent else layer.name
+
+
 def variable_layout(variable):
     """The ``_layout`` Keras stores on a variable (None if unset)."""
     return getattr(variable, "_layout", None)
@@ -96,6 +111,9 @@ class _Hooks:
     gathered_op = None  # (op, inputs, args, kwargs) -> op output on replicated weights
     pin_gradients = None  # (grads, variables) -> grads laid out like their variables
     make_step_function = None  # (model, kind, original, force) -> fn | NotImplemented
+    read_variable = None  # (keras_variable, tensor) -> the tensor laid out for the op reading it
+    take = None  # (original, x, indices, axis) -> lookup result | NotImplemented
+    layer_output = None  # (layer, outputs) -> outputs, constrained by "<layer path>/output" rules
     run_trainer_method = None  # (model, name, original, args, kwargs) -> result | NotImplemented
 
 
@@ -166,15 +184,29 @@ def install_hooks():
                 out = hooks.entry_call(self, original, args, kwargs)
                 if out is not NotImplemented:
                     return out
-            return original(self, *args, **kwargs)
+            out = original(self, *args, **kwargs)
+            if hooks.layer_output is not None:
+                out = hooks.layer_output(self, out)
+            return out
 
         return __call__
+
+    def tf_tensor(original):
+        @functools.wraps(original)
+        def __tf_tensor__(self, dtype=None, name=None):
+            out = original(self, dtype=dtype, name=name)
+            if hooks.read_variable is not None:
+                out = hooks.read_variable(self, out)
+            return out
+
+        return __tf_tensor__
 
     _patch(Variable, "_initialize", initialize)
     _patch(Variable, "numpy", numpy)
     _patch(Variable, "__array__", array)
     _patch(Layer, "__new__", new)
     _patch(Layer, "__call__", call)
+    _patch(Variable, "__tf_tensor__", tf_tensor)
 
 
 def install_trainer_hooks():
@@ -260,6 +292,48 @@ def install_op_hooks():
 
     for name in GATHERED_WEIGHT_OPS:
         _patch(tf_nn, name, gather_weights)
+
+    from keras.src.backend.tensorflow import numpy as tf_numpy
+
+    def take(original):
+        @functools.wraps(original)
+        def _take(x, indices, axis=None):
+            if hooks.take is not None:
+                out = hooks.take(original, x, indices, axis)
+                if out is not NotImplemented:
+                    return out
+            return original(x, indices, axis=axis)
+
+        return _take
+
+    _patch(tf_numpy, "take", take)
+
+
+_distribution_backend_originals = {}
+
+
+def install_distribution_backend(functions):
+    """Complete Keras's TensorFlow distribution backend
+    (``keras/src/backend/tensorflow/distribution_lib.py``, a prototype that
+    lacks ``distribute_tensor`` and friends) with ``functions`` (name ->
+    callable). Reversed by :func:`uninstall_distribution_backend`."""
+    from keras.src.backend.tensorflow import distribution_lib as tf_distribution_lib
+
+    for name, function in functions.items():
+        if name not in _distribution_backend_originals:
+            _distribution_backend_originals[name] = tf_distribution_lib.__dict__.get(name)
+        setattr(tf_distribution_lib, name, function)
+
+
+def uninstall_distribution_backend():
+    from keras.src.backend.tensorflow import distribution_lib as tf_distribution_lib
+
+    for name, original in _distribution_backend_originals.items():
+        if original is None:
+            tf_distribution_lib.__dict__.pop(name, None)
+        else:
+            setattr(tf_distribution_lib, name, original)
+    _distribution_backend_originals.clear()
 
 
 def replace_variable_value(variable, value):

@@ -148,6 +148,23 @@ def format_counts(counts):
     return ", ".join(parts)
 
 
+def to_json(results):
+    """``results`` of :func:`bench` with collective counts as
+    ``[kind, axis, n]`` lists (JSON has no tuple keys)."""
+    from tfshard import comm
+
+    def encode(value):
+        if isinstance(value, comm.CollectiveCounts):
+            return value.as_list()
+        if isinstance(value, dict):
+            return {str(k): encode(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [encode(v) for v in value]
+        return value
+
+    return encode(results)
+
+
 def run_jax_reference(config, mesh_shape, *, steps, timeout=900):
     """Time the same model on Keras's JAX backend with ModelParallel, in a
     child process. Returns ``None`` when JAX is not installed."""

@@ -2,7 +2,8 @@
 
     tfshard train configs/transformer_2x4.yaml [--steps N] [--set key=value ...]
     tfshard inspect configs/transformer_2x4.yaml
-    tfshard bench configs/transformer_2x4.yaml
+    tfshard bench configs/transformer_2x4.yaml [--meshes 1x1,1x8,2x4,8x1] [--jax]
+    tfshard launch --processes 2 --devices-per-process 4 -- tfshard train CONFIG
 
 On a machine without accelerators the mesh runs on virtual CPU devices
 (8, or the mesh size if larger), created before TensorFlow starts.
@@ -21,7 +22,8 @@ def _parser():
         ("train", "train a config, print layouts and memory, write metrics.json"),
         ("inspect", "build a config's model and print every variable's layout, per-device "
                     "totals and the estimated communication per step"),
-        ("bench", "time the sharded model against plain Keras on one device"),
+        ("bench", "step time, throughput, memory and collectives per step on several "
+                  "meshes, against plain Keras on one device in the same run"),
     ):
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("config", help="a YAML file, e.g. configs/transformer_2x4.yaml")
@@ -29,11 +31,52 @@ def _parser():
                          help="override a config key (repeatable), e.g. --set train.steps=50")
         if name in ("train", "bench"):
             cmd.add_argument("--steps", type=int, help="shortcut for --set train.steps=N")
+        if name == "bench":
+            cmd.add_argument("--meshes", default="1x1,1x8,2x4,8x1",
+                             help="DATAxMODEL mesh shapes to time (default: 1x1,1x8,2x4,8x1)")
+            cmd.add_argument("--rounds", type=int, default=2,
+                             help="interleaved timing rounds; the best of each run is shown")
+            cmd.add_argument("--jax", action="store_true",
+                             help="also time Keras's JAX backend with ModelParallel (needs jax)")
+            cmd.add_argument("--no-collectives", action="store_true",
+                             help="skip counting collectives (saves one compile per mesh)")
+            cmd.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    _add_launch(sub)
     return parser
+
+
+def _add_launch(sub):
+    text = ("run a command as N local processes of one DTensor multi-client job "
+            "(loopback only), output prefixed by rank")
+    cmd = sub.add_parser("launch", help=text, description=text,
+                         usage="tfshard launch --processes N [--devices-per-process K] -- COMMAND ...")
+    cmd.add_argument("--processes", type=int, required=True, help="number of processes")
+    cmd.add_argument("--devices-per-process", type=int, metavar="K",
+                     help="virtual CPUs (or GPUs) each process brings")
+    cmd.add_argument("--device-type", choices=["CPU", "GPU", "TPU"], help="default: detected")
+    cmd.add_argument("--grace", type=float, default=10.0,
+                     help="seconds between SIGTERM and SIGKILL when a process fails (default 10)")
+    cmd.add_argument("--timeout", type=float, help="stop the whole job after this many seconds")
+    cmd.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+
+
+def _launch(args):
+    from tfshard.errors import MultiClientError
+    from tfshard.launch import launch
+
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    try:
+        return launch(command, args.processes, args.devices_per_process,
+                      device_type=args.device_type, grace=args.grace, timeout=args.timeout)
+    except MultiClientError as err:
+        print(f"tfshard: error: {err}", file=sys.stderr)
+        return 2
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    if args.command == "launch":
+        return _launch(args)
     from tfshard import config as config_lib
 
     overrides = list(args.set)
@@ -47,13 +90,42 @@ def main(argv=None):
 
     from tfshard import jobs
 
-    jobs.prepare_devices(config)  # before TensorFlow starts
+    devices_for = config
+    if args.command == "bench":
+        from tfshard import bench
+
+        try:
+            args.meshes = bench.parse_meshes(args.meshes)
+        except config_lib.ConfigError as err:
+            print(f"tfshard: error: {err}", file=sys.stderr)
+            return 2
+        devices_for = bench.with_mesh(config, max(args.meshes, key=lambda m: m[0] * m[1]))
+    jobs.prepare_devices(devices_for)  # before TensorFlow starts
     if args.command == "train":
-        jobs.train(config)
+        from tfshard.checkpoint import CheckpointError
+
+        try:
+            jobs.train(config)
+        except (config_lib.ConfigError, CheckpointError) as err:  # e.g. a resume that cannot fit
+            print(f"tfshard: error: {err}", file=sys.stderr)
+            return 2
     elif args.command == "inspect":
         jobs.inspect(config)
     else:
-        jobs.bench(config)
+        return _bench(args, config)
+    return 0
+
+
+def _bench(args, config):
+    import json
+
+    from tfshard import bench
+
+    results = bench.bench(config, meshes=args.meshes, steps=args.steps, rounds=max(1, args.rounds),
+                          collectives=not args.no_collectives, jax=args.jax)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(bench.to_json(results), handle, indent=2)
     return 0
 
 

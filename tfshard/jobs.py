@@ -1,14 +1,23 @@
-"""The jobs behind the CLI: train, inspect and bench a config."""
+"""The jobs behind the CLI: train and inspect a config (bench: tfshard.bench)."""
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
+import shutil
 import time
 
 import keras
 
 from tfshard import config as config_lib
+from tfshard import multi_client
+
+
+def print(*args, **kwargs):  # noqa: A001
+    """The jobs' messages come from process 0 only in a multi-client job."""
+    if multi_client.is_chief():
+        builtins.print(*args, **kwargs)
 
 
 def prepare_devices(config):
@@ -20,9 +29,19 @@ def prepare_devices(config):
 
     from tfshard.mesh import use_virtual_devices
 
+    size = config["mesh"]["batch"] * config["mesh"]["model"]
+    if os.environ.get(multi_client.ENV_JOBS):
+        # Started by `tfshard launch` or a cluster scheduler: join the job.
+        # Without an accelerator, each process brings its share of the mesh.
+        clients = len(os.environ[multi_client.ENV_JOBS].split(","))
+        accelerated = tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU")
+        own = os.environ.get(multi_client.ENV_DEVICES_PER_PROCESS) or accelerated
+        multi_client.initialize_multi_client(
+            devices_per_process=None if own else max(1, size // clients)
+        )
+        return
     if tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"):
         return
-    size = config["mesh"]["batch"] * config["mesh"]["model"]
     use_virtual_devices(max(8, size))
 
 
@@ -95,22 +114,188 @@ def _items_per_example(config):
     return config["model"]["seq_len"] if config["model"]["kind"] == "transformer" else 1
 
 
-class _StepLosses(keras.callbacks.Callback):
-    """Records the loss after every batch (Keras's running epoch mean) and
-    the wall-clock time it finished."""
+# ------------------------------------------------------------ train: checkpoints
+CHECKPOINT_SUBDIR = "checkpoints"
+RUN_CONFIG = "run_config.json"
+
+# What a resumed run must share with the run that wrote its checkpoints: these
+# keys fix the model, the optimizer state and the order of the training
+# batches. The mesh, the layout rules, train.steps and the checkpoint cadence
+# may change between runs (the checkpoint restores onto any mesh).
+RESUME_MUST_MATCH = (
+    "model",
+    "data.source",
+    "data.max_bytes",
+    "train.batch_size",
+    "train.seed",
+    "train.optimizer",
+    "train.learning_rate",  # the optimizer's learning-rate variable is checkpointed
+)
+
+
+def checkpoint_dir(config):
+    """Where ``tfshard train`` keeps its checkpoints: ``<output.dir>/checkpoints``."""
+    return os.path.join(config["output"]["dir"], CHECKPOINT_SUBDIR)
+
+
+def _config_value(config, dotted):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _flatten(name, value):
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flatten(f"{name}.{key}", sub).items()}
+    return {name: value}
+
+
+def _has_key(config, dotted):
+    try:
+        _config_value(config, dotted)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+def _check_resume_config(config, saved, directory):
+    """Raise a ConfigError naming every key that differs from the run that
+    wrote the checkpoints in ``directory``. A key the saved config lacks
+    (one added to the schema since) counts as its default."""
+    defaults = config_lib.defaults()
+    changed = []
+    for key in RESUME_MUST_MATCH:
+        now = _flatten(key, _config_value(config, key))
+        before = _flatten(key, _config_value(saved, key)) if _has_key(saved, key) else {}
+        for name in sorted(set(now) | set(before)):
+            was = before[name] if name in before else (
+                _config_value(defaults, name) if _has_key(defaults, name) else None
+            )
+            if now.get(name) != was:
+                changed.append(f"{name}={now.get(name)!r} (the checkpoints have {was!r})")
+    if changed:
+        raise config_lib.ConfigError(
+            f"cannot resume from the checkpoints in {directory!r}: " + "; ".join(changed)
+            + ". Use the values the checkpoints were trained with, or start afresh with "
+            "--set train.resume=false (deletes those checkpoints) or another output.dir. "
+            "The mesh, layout rules and train.steps may change on resume."
+        )
+
+
+def _resume_point(config):
+    """Start afresh, or find the latest checkpoint of an earlier run and
+    check that this config can continue it (before anything is built).
+
+    Returns ``(step, path)``: the step training continues from and the
+    checkpoint to restore (``None`` when starting afresh).
+    """
+    from tfshard import checkpoint
+
+    directory = checkpoint_dir(config)
+    steps = config["train"]["steps"]
+    latest = checkpoint.latest_checkpoint(directory)
+    if latest is not None and not config["train"]["resume"]:
+        print(f"train.resume=false: deleting the checkpoints in {directory}")
+        shutil.rmtree(directory)
+        latest = None
+    run_config = os.path.join(directory, RUN_CONFIG)
+    if latest is None:
+        os.makedirs(directory, exist_ok=True)
+        with open(run_config, "w") as f:
+            json.dump(config, f, indent=2)
+        return 0, None
+    if os.path.exists(run_config):
+        with open(run_config) as f:
+            _check_resume_config(config, json.load(f), directory)
+    step = int(checkpoint.read_manifest(latest)["step"])
+    if step > steps:
+        raise config_lib.ConfigError(
+            f"train.steps={steps} is below step {step} of the latest checkpoint {latest!r}. "
+            f"Raise train.steps (e.g. --steps {2 * step}) to train on, or start afresh with "
+            "--set train.resume=false (deletes the checkpoints) or another output.dir."
+        )
+    return step, latest
+
+
+def _restore(model, path, steps):
+    """Restore ``path`` into ``model`` (onto its mesh, whatever the saving
+    run's was) and say so."""
+    from tfshard import checkpoint
+
+    checkpoint.restore_checkpoint(model, path)
+    manifest = checkpoint.read_manifest(path)
+    saved_mesh = (manifest.get("mesh") or {}).get("axes")
+    where = "x".join(str(n) for n in saved_mesh.values()) if saved_mesh else "one device"
+    print(f"resuming from {path} (step {manifest['step']} of {steps}; saved on {where})")
+
+
+def _stream_checkpoint(directory, save_freq, max_to_keep):
+    from tfshard.callbacks import ShardedCheckpoint
+
+    class StreamCheckpoint(ShardedCheckpoint):
+        """The train job's batches are one stream of train.steps batches, run
+        as a single epoch, that a later run may extend (a larger
+        train.steps). So a checkpoint's position is always "batch <step> of
+        epoch 0": a resumed run passes over that many batches of the same
+        stream and continues, running loss included. The end of the epoch is
+        not recorded (it would make a longer resumed run start a new epoch)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            pass  # save_freq is always an int here; see the class docstring
+
+    return StreamCheckpoint(directory, save_freq=save_freq, max_to_keep=max_to_keep)
+
+
+class _TrainedSteps(keras.callbacks.Callback):
+    """Per trained step: the global step, Keras's logged loss (the running
+    mean over the epoch) and the seconds the step took (callbacks such as
+    checkpoint saves excluded). Batches a resumed run passes over (they
+    were trained before the restart) do not move the optimizer's iteration
+    count and are not recorded."""
 
     def __init__(self):
         super().__init__()
-        self.losses, self.times = [], []
+        self.steps, self.losses, self.seconds = [], [], []
+        self._begin = None
+
+    def _iterations(self):
+        return int(self.model.optimizer.iterations.numpy())
+
+    def on_train_begin(self, logs=None):
+        self._last = self._iterations()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._begin = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
+        seconds = time.perf_counter() - self._begin
+        step = self._iterations()
+        if step == self._last:
+            return  # passed over, not trained
+        self._last = step
+        self.steps.append(step)
         self.losses.append(float(logs["loss"]))
-        self.times.append(time.perf_counter())
+        self.seconds.append(seconds)
 
 
 def train(config, *, verbose=1):
-    """Train a config; returns the metrics dict (also written as JSON)."""
+    """Train a config; returns the metrics dict (also written as JSON).
+
+    Checkpoints go to ``<output.dir>/checkpoints`` every
+    ``train.checkpoint_every`` steps and at the end. With ``train.resume``
+    (the default) a run continues from the latest of them, on whatever mesh
+    the config now names, up to ``train.steps`` in all.
+    """
+    from tfshard import checkpoint
     from tfshard.report import per_device_bytes, variable_table
+
+    train_cfg = config["train"]
+    steps, batch = train_cfg["steps"], train_cfg["batch_size"]
+    start_step, resumed_from = multi_client.run_on_chief(  # process 0 reads/prepares the dir
+        "train (resume point)", lambda: _resume_point(config), error=config_lib.ConfigError
+    )
+    directory = checkpoint_dir(config)
 
     strategy = build_strategy(config)
     (x, y), (x_eval, y_eval) = load_data(config)
@@ -118,41 +303,61 @@ def train(config, *, verbose=1):
     variables = list(model.variables) + list(model.optimizer.variables)
     print(f"mesh {strategy.mesh}, rules {strategy.logical_rules}")
     print(variable_table(variables))
-
-    batch = config["train"]["batch_size"]
+    if resumed_from is not None:
+        _restore(model, resumed_from, steps)
     before = model.evaluate(x_eval, y_eval, batch_size=batch, verbose=0, return_dict=True)
-    recorder = _StepLosses()
+    recorder = _TrainedSteps()
     start = time.perf_counter()
-    model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=verbose, callbacks=[recorder])
+    if start_step < steps:
+        saver = _stream_checkpoint(
+            directory,
+            save_freq=train_cfg["checkpoint_every"] or steps,
+            max_to_keep=train_cfg["keep_checkpoints"] or None,
+        )
+        model.fit(
+            x, y, batch_size=batch, epochs=1, shuffle=False, verbose=verbose,
+            callbacks=[saver, recorder],
+        )
+    else:
+        print(f"already at step {start_step} = train.steps; nothing to train "
+              "(raise --steps to train on)")
     elapsed = time.perf_counter() - start
     after = model.evaluate(x_eval, y_eval, batch_size=batch, verbose=0, return_dict=True)
 
-    steady = recorder.times[1:]
-    step_time = (steady[-1] - steady[0]) / max(1, len(steady) - 1) if len(steady) > 1 else elapsed
+    steady = recorder.seconds[1:] or recorder.seconds  # the first step compiles
+    step_time = sum(steady) / len(steady) if steady else float("nan")
     metrics = {
         "config": config,
         "mesh": dict(strategy.mesh.axes),
-        "steps": len(recorder.losses),
+        "steps": int(model.optimizer.iterations.numpy()),
+        "start_step": start_step,
+        "resumed_from": resumed_from,
         "eval_before": before,
         "eval_after": after,
+        "train_steps": recorder.steps,
         "train_loss": recorder.losses,
         "seconds": elapsed,
         "ms_per_step": 1000 * step_time,
         "items_per_second": batch * _items_per_example(config) / step_time,
         "per_device_bytes": per_device_bytes(variables),
+        "checkpoints": checkpoint.list_checkpoints(directory),
     }
     out_dir = config["output"]["dir"]
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "metrics.json")
-    with open(path, "w") as f:
-        json.dump(metrics, f, indent=2, default=float)
+    if not recorder.steps:  # nothing trained: keep the last run's metrics.json
+        print(f"held-out loss {after['loss']:.4f} at step {metrics['steps']}; checkpoints in {directory}")
+        return metrics
+    if multi_client.is_chief():
+        with open(path, "w") as f:
+            json.dump(metrics, f, indent=2, default=float)
     unit = "tokens/s" if config["model"]["kind"] == "transformer" else "images/s"
     print(
-        f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f} after "
-        f"{metrics['steps']} steps; {metrics['ms_per_step']:.1f} ms/step, "
+        f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f} over steps "
+        f"{start_step + 1}..{metrics['steps']}; {metrics['ms_per_step']:.1f} ms/step, "
         f"{metrics['items_per_second']:.0f} {unit}; "
         f"{metrics['per_device_bytes'] / 2**20:.2f} MiB params+optimizer per device; "
-        f"metrics in {path}"
+        f"checkpoints in {directory}; metrics in {path}"
     )
     return metrics
 
@@ -170,29 +375,3 @@ def inspect(config):
     print()
     print(communication_estimate(config))
     return model
-
-
-def bench(config, *, steps=None):
-    """Step time of the sharded model against plain Keras on one device."""
-    import numpy as np
-
-    steps = steps or min(config["train"]["steps"], 20)
-    config = {**config, "train": {**config["train"], "steps": steps + 2}}
-    (x, y), _ = load_data(config)
-    batch = config["train"]["batch_size"]
-    results = {}
-    for name, strategy in (("plain keras, 1 device", None), ("tfshard", build_strategy(config))):
-        model = build_model(config, strategy)
-        recorder = _StepLosses()
-        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
-        times = np.diff(recorder.times[1:])  # skip the first (compiling) step
-        results[name] = float(np.median(times))
-    base = results["plain keras, 1 device"]
-    unit = "tokens/s" if config["model"]["kind"] == "transformer" else "images/s"
-    per_step = batch * _items_per_example(config)
-    mesh = f"{config['mesh']['batch']}x{config['mesh']['model']}"
-    print(f"{'run':<24}{'ms/step':>10}{unit:>12}{'vs plain':>10}")
-    for name, seconds in results.items():
-        label = f"tfshard {mesh}" if name == "tfshard" else name
-        print(f"{label:<24}{1000 * seconds:>10.1f}{per_step / seconds:>12.0f}{base / seconds:>9.2f}x")
-    return results

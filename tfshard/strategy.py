@@ -14,8 +14,8 @@ order of precedence:
 1. a path rule from ``.shard(pattern, spec)`` (regex, matched in full);
 2. the logical dimensions a tfshard layer declares, through the logical rules
    (``.rules({"heads": "model"})``; ``tensor_parallel`` maps the standard
-   tensor-parallel dimensions ``heads``, ``kv_heads``, ``d_ff`` and ``vocab``
-   to its axis unless a rule says otherwise);
+   tensor-parallel dimensions ``heads``, ``kv_heads``, ``d_ff``, ``vocab``
+   and ``experts`` to its axis unless a rule says otherwise);
 3. otherwise replicated.
 """
 
@@ -37,7 +37,9 @@ from tfshard.errors import StrategyError
 from tfshard.layout import LogicalRules, PathRules, validate_spec
 from tfshard.mesh import Mesh
 
-TENSOR_PARALLEL_DIMS = ("heads", "kv_heads", "d_ff", "vocab", "channels")
+# "experts" (ExpertParallelMoE) defaults to the tensor axis too; a rule
+# {"experts": <data axis>} gives GShard's experts-over-data layout instead.
+TENSOR_PARALLEL_DIMS = ("heads", "kv_heads", "d_ff", "vocab", "channels", "experts")
 
 _local = threading.local()
 _pending_logical_axes = contextvars.ContextVar("tfshard_logical_axes", default=None)
@@ -50,10 +52,23 @@ def _stack():
     return _local.stack
 
 
+#: Set by tfshard.interop: () -> the Strategy for the active
+#: ``keras.distribution`` distribution (None when none is set).
+_keras_distribution_strategy = None
+
+
 def current_strategy():
-    """The innermost active strategy, or ``None`` outside every scope."""
+    """The innermost active strategy, or ``None`` outside every scope.
+
+    Outside every ``Strategy.scope()``, an active ``keras.distribution``
+    distribution (``set_distribution`` / ``distribution.scope()``) acts as
+    the strategy converted from it (see ``tfshard.interop``)."""
     stack = _stack()
-    return stack[-1] if stack else None
+    if stack:
+        return stack[-1]
+    if _keras_distribution_strategy is not None:
+        return _keras_distribution_strategy()
+    return None
 
 
 @contextlib.contextmanager
@@ -117,8 +132,9 @@ class Strategy:
     """A mesh plus layout rules. Build it with :class:`StrategyBuilder`."""
 
     def __init__(self, mesh, data_axis, tensor_axis, logical_rules, path_rules,
-                 optimizer_state_axis=None):
+                 optimizer_state_axis=None, output_rules=None):
         self._mesh = mesh
+        self._output_rules = output_rules if output_rules is not None else PathRules()
         self._optimizer_state_axis = optimizer_state_axis
         self._data_axis = data_axis
         self._tensor_axis = tensor_axis
@@ -157,6 +173,11 @@ class Strategy:
     def path_rules(self) -> PathRules:
         return self._path_rules
 
+    @property
+    def output_rules(self) -> PathRules:
+        """Activation layouts: ``"<layer path>/output"`` regex -> spec."""
+        return self._output_rules
+
     def __repr__(self):
         return (
             f"Strategy(mesh={self._mesh!r}, data_axis={self._data_axis!r}, "
@@ -192,8 +213,12 @@ class Strategy:
     def variable_spec(self, path, shape, logical_axes=None):
         """The validated spec of a variable at ``path`` with ``shape``."""
         shape = tuple(int(d) for d in shape)
-        spec = self._path_rules.match(path)
-        if spec is None and logical_axes is not None:
+        rule = self._path_rules.match_rule(path)
+        if rule is not None:
+            name = f"Variable {path!r} (layout rule {rule[0]!r})"
+            return validate_spec(rule[1], shape, self._mesh, name=name)
+        spec = None
+        if logical_axes is not None:
             if len(logical_axes) != len(shape):
                 raise StrategyError(
                     f"Variable {path!r}: its layer declares logical axes "
@@ -204,6 +229,39 @@ class Strategy:
         if spec is None:
             spec = (None,) * len(shape)
         return validate_spec(spec, shape, self._mesh, name=f"Variable {path!r}")
+
+    def compute_spec(self, spec):
+        """The layout a layer computes with, for a weight stored as ``spec``.
+
+        A weight split over the data axis (FSDP-style, as keras-hub's layout
+        maps split weights over ``("model", "batch")``) is whole over that
+        axis while an op reads it: the batch is split over the data axis, so
+        the weight cannot be too. Its tensor-parallel split is kept.
+        """
+        spec = tuple(spec)
+        if self._data_axis is None or self._data_axis not in spec:
+            return spec
+        return tuple(None if axis == self._data_axis else axis for axis in spec)
+
+    def output_spec(self, path, shape):
+        """The validated activation spec for ``path`` (``"<layer>/output"``)
+        of a tensor with ``shape``, or None when no output rule matches.
+        Dimension 0 laid out over the data axis keeps the batch's own
+        sharding (``KEEP``), so a partial batch that runs replicated works."""
+        from tfshard.layout import KEEP
+
+        rule = self._output_rules.match_rule(path, what="Layer output")
+        if rule is None:
+            return None
+        pattern, spec = rule
+        name = f"Layer output {path!r} (layout rule {pattern!r})"
+        shape = tuple(None if d is None else int(d) for d in shape)
+        if len(shape) != len(spec):
+            validate_spec(spec, shape, self._mesh, name=name)  # raises: rank
+        validate_spec(spec, (None,) + shape[1:], self._mesh, name=name)
+        if spec and spec[0] is not None and spec[0] == self._data_axis:
+            spec = (KEEP,) + tuple(spec[1:])
+        return tuple(spec)
 
     @property
     def optimizer_state_axis(self):
@@ -334,6 +392,7 @@ class StrategyBuilder:
         self._optimizer_state_axis = None
         self._rules = LogicalRules()
         self._paths = PathRules()
+        self._outputs = PathRules()
 
     def _check_axis(self, method, axis):
         if axis not in self._mesh.axis_names:
@@ -379,6 +438,33 @@ class StrategyBuilder:
         self._paths.check_axes(self._mesh)
         return self
 
+    def shard_output(self, pattern, spec):
+        """Lay out the output of every layer whose ``"<layer path>/output"``
+        fully matches ``pattern`` (keras ``LayoutMap``'s activation keys),
+        e.g. ``.shard_output("decoder_.*/ffn_in/output", ("batch", None,
+        "model"))``. The batch dimension keeps its own sharding."""
+        self._outputs.add(pattern, spec)
+        self._outputs.check_axes(self._mesh)
+        return self
+
+    def _use_path_rules(self, variables, outputs):
+        """Replace the variable and output path rules with objects that
+        follow :class:`PathRules`'s protocol (``match_rule``, ``add``,
+        ``copy``, ``check_axes``); ``from_keras`` passes live views of a
+        keras LayoutMap."""
+        self._paths, self._outputs = variables, outputs
+        return self
+
+    @classmethod
+    def from_keras(cls, distribution_or_layout_map):
+        """A builder from a ``keras.distribution`` object: ``ModelParallel``,
+        ``DataParallel``, ``LayoutMap`` or ``DeviceMesh`` (see
+        :func:`tfshard.interop.builder_from_keras`). Chain more calls or
+        ``.build()`` it."""
+        from tfshard import interop
+
+        return interop.builder_from_keras(distribution_or_layout_map)
+
     def build(self) -> Strategy:
         if (
             self._data_axis is not None
@@ -395,12 +481,10 @@ class StrategyBuilder:
             for dim in TENSOR_PARALLEL_DIMS:
                 rules.set_default(dim, self._tensor_axis)
         rules.check_axes(self._mesh)
-        paths = PathRules()
-        for pattern, spec in self._paths:
-            paths.add(pattern, spec)
         return Strategy(
-            self._mesh, self._data_axis, self._tensor_axis, rules, paths,
+            self._mesh, self._data_axis, self._tensor_axis, rules, self._paths.copy(),
             optimizer_state_axis=self._optimizer_state_axis,
+            output_rules=self._outputs.copy(),
         )
 
 
@@ -428,7 +512,16 @@ def _make_variable(kvar, value):
         spec = strategy.optimizer_state_spec(layout.spec, kvar._shape)
         spec = validate_spec(spec, kvar._shape, strategy.mesh, name=f"Variable {kvar.path!r}")
     elif layout is not None:
-        return None  # a keras.distribution layout: not ours
+        # A keras.distribution.TensorLayout given explicitly (Variable(...,
+        # layout=...)): honoured as the spec under an active strategy, as
+        # Keras's own get_variable_layout does.
+        strategy = current_strategy()
+        if strategy is None or not isinstance(layout, keras.distribution.TensorLayout):
+            return None
+        shape = kvar._shape if kvar._shape is not None else value.shape
+        spec = validate_spec(
+            layout.axes, shape, strategy.mesh, name=f"Variable {kvar.path!r} (its layout=)"
+        )
     else:
         strategy = current_strategy()
         if strategy is None:
@@ -512,6 +605,118 @@ def _pin_gradients(grads, variables):
     return out
 
 
+def _read_variable(kvar, value):
+    """A weight read by an op inside a layer call, laid out as the strategy
+    computes with it (:meth:`Strategy.compute_spec`). For a weight split
+    over the data axis (FSDP): forward, an all-gather over that axis;
+    backward, the gradient (summed over the batch shards, an all-reduce over
+    the data axis) is sliced back to the shard. Everywhere else (optimizer
+    updates, checkpoints) the weight is read as stored."""
+    layout = _keras.variable_layout(kvar)
+    if not isinstance(layout, VariableLayout) or _keras.current_call_context() is None:
+        return value
+    compute = layout.strategy.compute_spec(layout.spec)
+    if compute == layout.spec:
+        return value
+    return layout.strategy.place(value, compute)
+
+
+def _take(original, x, indices, axis):
+    """``ops.take(table, ids, axis=0)`` (``keras.layers.Embedding`` and
+    keras-hub's ``ReversibleEmbedding`` lookups) on a table whose rows are
+    split over a mesh axis.
+
+    Forward: Megatron's masked local lookup (see ``tfshard.layers.embedding``):
+    each device looks the ids up in its own rows, one all-reduce of the
+    output over that axis; the table is never gathered over it (a table
+    also split over the data axis, FSDP-style, is first all-gathered over
+    the data axis only). Backward: what ``tf.gather`` gives plain Keras, the
+    upstream rows with their ids as ``tf.IndexedSlices`` (duplicates not
+    summed), so optimizers that treat sparse gradients their own way (Keras's
+    Adam squares each slice) match the unsharded model exactly.
+    """
+    layout = _keras.variable_layout(x) if isinstance(x, keras.Variable) else None
+    if not isinstance(layout, VariableLayout) or axis != 0 or len(layout.spec) != 2:
+        return NotImplemented
+    if isinstance(indices, (tf.SparseTensor, tf.RaggedTensor)):
+        return NotImplemented
+    if not tf.as_dtype(x.dtype).is_floating:
+        return NotImplemented  # quantized tables: no gradient, DTensor's gather
+    strategy = layout.strategy
+    compute = strategy.compute_spec(layout.spec)
+    split_axis = compute[0]
+    if split_axis is None:
+        return NotImplemented
+    from types import SimpleNamespace
+
+    from tfshard.layers.embedding import _masked_local_lookup
+    from tfshard.layout import KEEP
+
+    vocab, dim = (int(d) for d in x.shape)
+    size = strategy.mesh.axis_size(split_axis)
+    rows = vocab // size
+    ids = tf.convert_to_tensor(indices)
+    if not ids.dtype.is_integer:
+        ids = tf.cast(ids, "int32")
+    if tf.executing_eagerly() and not _dtensor.is_dtensor(ids):
+        ids = strategy.place(ids, strategy.batch_spec(tuple(ids.shape)))
+    elif ids.shape.rank:
+        ids = strategy.place(ids, (KEEP,) + (None,) * (ids.shape.rank - 1))
+    ids = tf.where(ids < 0, ids + vocab, ids)  # negative ids count from the end
+    owner = SimpleNamespace(sharding_strategy=strategy)  # what the lookup needs of a layer
+    stored = tf.convert_to_tensor(x.value)  # as stored: no compute relayout
+
+    @tf.custom_gradient
+    def lookup(table):
+        table = strategy.place(table, compute)  # all-gather over the data axis, if split
+        # (V, D) -> (tp, V/tp, D), split on dim 0: one slab per device.
+        slabs = strategy.place(tf.reshape(table, (size, rows, dim)), (split_axis, None, None))
+        out = _masked_local_lookup(owner, slabs, ids, split_axis, size, rows)
+
+        def grad(upstream):
+            return tf.IndexedSlices(
+                tf.reshape(upstream, (-1, dim)),
+                tf.reshape(ids, (-1,)),
+                tf.constant((vocab, dim), dtype=ids.dtype),
+            )
+
+        return out, grad
+
+    return lookup(stored)
+
+
+def _layer_output(layer, outputs):
+    """Apply an output rule (``"<layer path>/output"``) to a layer's outputs.
+
+    Under an active ``keras.distribution`` distribution Keras applies its
+    own ``/output`` layouts (through ``distribute_tensor``, which tfshard
+    supplies for the TensorFlow backend), so this hook stands aside."""
+    strategy = current_strategy()
+    if strategy is None or not len(strategy.output_rules):
+        return outputs
+    if _keras.keras_distribution() is not None:
+        return outputs
+    path = _keras.layer_path(layer) + "/output"
+    return _constrain_outputs(strategy, path, outputs)
+
+
+def _constrain_outputs(strategy, path, outputs):
+    """Lay out each tensor in ``outputs`` as the output rule for ``path``
+    says (nothing when no rule matches)."""
+
+    def one(y):
+        if isinstance(y, keras.KerasTensor) or not isinstance(y, tf.Tensor):
+            return y
+        if tf.executing_eagerly() and not _dtensor.is_dtensor(y):
+            return y  # a plain eager value is not on the mesh
+        spec = strategy.output_spec(path, tuple(y.shape))
+        return y if spec is None else strategy.place(y, spec)
+
+    if strategy.output_rules.match_rule(path, what="Layer output") is None:
+        return outputs
+    return tree.map_structure(one, outputs)
+
+
 def _is_plain_array(x):
     if isinstance(x, np.ndarray):
         return x.ndim > 0
@@ -583,5 +788,8 @@ def install():
     _keras.hooks.entry_call = _entry_call
     _keras.hooks.gathered_op = _gathered_op
     _keras.hooks.pin_gradients = _pin_gradients
+    _keras.hooks.read_variable = _read_variable
+    _keras.hooks.take = _take
+    _keras.hooks.layer_output = _layer_output
     _keras.install_hooks()
     _keras.install_op_hooks()
