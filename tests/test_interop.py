@@ -13,11 +13,13 @@
   (tfshard) gives the same sharding specs, predictions and losses.
 """
 
+import gc
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import keras
 import numpy as np
@@ -191,6 +193,31 @@ def test_builder_rules_added_after_from_keras_join_the_lookup():
     clash = tfshard.StrategyBuilder.from_keras(layouts).shard(".*/kernel", (None, None)).build()
     with pytest.raises(tfshard.ShardingError, match="matches both LayoutMap key 'dense/kernel'"):
         clash.path_rules.match("dense/kernel")
+
+
+@pytest.mark.parametrize("kind", ["model_parallel", "layout_map"])
+def test_converted_strategy_is_released_with_its_keras_object(kind):
+    """strategy_from_keras caches per Keras object without keeping it (nor
+    the strategy and its DTensor mesh) alive once the caller drops it."""
+    meshes_before = len(interop._meshes._entries)
+    layouts = keras.distribution.LayoutMap(keras_mesh())
+    layouts["dense/kernel"] = (None, "model")
+    obj = layouts if kind == "layout_map" else keras.distribution.ModelParallel(layout_map=layouts)
+    strategy = interop.strategy_from_keras(obj)
+    assert interop.strategy_from_keras(obj) is strategy
+    with strategy.scope():  # works while the object is alive
+        layer = keras.layers.Dense(8, name="dense")
+        layer.build((None, 4))
+    assert tfshard.layout_of(layer.kernel) == (None, "model")
+    layouts["dense/bias"] = ("model",)  # the rules stay a live view
+    assert strategy.path_rules.match("dense/bias") == ("model",)
+
+    obj_ref, strategy_ref = weakref.ref(obj), weakref.ref(strategy)
+    del obj, layouts, strategy, layer
+    gc.collect()
+    assert obj_ref() is None
+    assert strategy_ref() is None
+    assert len(interop._meshes._entries) == meshes_before
 
 
 # ------------------------------------------------------- "/output" keys
@@ -447,6 +474,19 @@ def test_check_layout_names_the_exact_key_that_overrides_a_regex():
     assert "exact key takes precedence over the regex key '.*(q|kv)/kernel'" in text
 
 
+def test_check_layout_offers_a_fix_only_where_a_spec_of_the_same_rank_fits():
+    layouts = keras.distribution.LayoutMap(keras_mesh())
+    layouts["wide/kernel"] = ("model", None, None)  # rank 3 for a 2-D kernel
+    layouts["odd/kernel"] = (None, "model")  # 6 % 4
+    x = keras.Input((16,))
+    model = keras.Model(x, [keras.layers.Dense(8, name="wide")(x), keras.layers.Dense(6, name="odd")(x)])
+    with pytest.raises(tfshard.ShardingError) as err:
+        interop.check_layout(layouts, model)
+    wide, odd = (line for line in str(err.value).splitlines() if line.startswith("- "))
+    assert "'wide/kernel'" in wide and "rank 2" in wide and "Fix:" not in wide
+    assert "'odd/kernel'" in odd and "Fix: set layout_map['odd/kernel'] = (None, None)" in odd
+
+
 # -------------------------------------------- one script, two backends
 SCRIPT = os.path.join(os.path.dirname(__file__), "_interop_script.py")
 
@@ -492,13 +532,33 @@ def test_script_on_tensorflow_lays_out_variables_as_the_layout_map_says(tensorfl
     assert tensorflow_run["losses"][1] < tensorflow_run["losses"][0]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
-def test_same_script_on_jax_and_tensorflow_gives_the_same_specs_and_numbers(tensorflow_run):
-    jax_run = run_jax_script()
+@pytest.fixture(scope="module")
+def jax_run():
+    """The script's JAX half (Keras's own distribution), in a subprocess."""
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    return run_jax_script()
+
+
+def test_same_script_on_jax_and_tensorflow_gives_the_same_specs_and_numbers(
+    tensorflow_run, jax_run
+):
     assert jax_run["backend"] == "jax"
     assert tensorflow_run["specs"] == jax_run["specs"]
-    assert tensorflow_run.get("hub_specs") == jax_run.get("hub_specs")
     np.testing.assert_allclose(tensorflow_run["predictions"], jax_run["predictions"], atol=1e-5)
     np.testing.assert_allclose(tensorflow_run["losses"], jax_run["losses"], rtol=1e-5)
     for path, value in jax_run["trained_weights"].items():
         np.testing.assert_allclose(tensorflow_run["trained_weights"][path], value, atol=1e-5)
+
+
+def test_same_script_lays_out_a_keras_hub_backbone_like_jax(tensorflow_run, request):
+    try:
+        import keras_hub  # noqa: F401
+    except ImportError:
+        pytest.skip("keras_hub is not importable: the script's keras-hub part cannot run")
+    hub_specs = tensorflow_run.get("hub_specs")
+    assert hub_specs, tensorflow_run.get("hub_error", "the script recorded no hub_specs")
+    assert hub_specs["token_embedding/embeddings"] == ["model", "batch"]
+    jax_run = request.getfixturevalue("jax_run")  # skips here when jax is missing
+    assert jax_run.get("hub_specs"), jax_run.get("hub_error", "no hub_specs on JAX")
+    assert hub_specs == jax_run["hub_specs"]

@@ -16,6 +16,7 @@ from tfshard.errors import (  # noqa: E402
     VirtualDeviceError,
     MultiClientError,
     ProcessLostError,
+    UnsupportedFeatureError,
 )
 from tfshard.layout import KEEP, LogicalRules, PathRules, validate_spec  # noqa: E402
 from tfshard.mesh import Mesh, use_virtual_devices  # noqa: E402
@@ -86,6 +87,7 @@ __all__ = [
     "VirtualDeviceError",
     "MultiClientError",
     "ProcessLostError",
+    "UnsupportedFeatureError",
     "multi_client",
     "initialize_multi_client",
 ]

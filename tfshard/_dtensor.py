@@ -3,7 +3,8 @@
 Everything above this module speaks in tfshard terms: a mesh is a
 ``tfshard.Mesh`` and a spec is a plain tuple of mesh-axis names or ``None``.
 This module turns those into DTensor meshes and layouts and moves values
-between host numpy arrays and sharded DTensors.
+between host numpy arrays and sharded DTensors. It looks through Keras
+variables to their DVariables with ``tfshard._keras.backend_variable``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 from tensorflow.python.ops import gen_resource_variable_ops
+
+from tfshard import _keras
+from tfshard.errors import MultiClientError
 
 UNSHARDED = dtensor.UNSHARDED
 
@@ -65,11 +69,9 @@ def spec_of_layout(layout):
 
 
 def _as_tensor_or_variable(x):
-    # Keras variables wrap a tf.Variable in `.value`; look through them.
-    inner = getattr(x, "_value", None)
-    if isinstance(inner, tf.Variable):
-        return inner
-    return x
+    # Keras variables wrap a tf.Variable; look through them.
+    inner = _keras.backend_variable(x)
+    return x if inner is None else inner
 
 
 def is_dtensor(x):
@@ -442,9 +444,14 @@ def distribute_local(local, layout, origin, global_rows):
         start = (rows.start or 0) - origin
         stop = (global_rows if rows.stop is None else rows.stop) - origin
         if start < 0 or stop > len(array):
-            raise ValueError(
-                f"rows {start + origin}..{stop + origin} of the global batch are "
-                f"not among this process's rows {origin}..{origin + len(array)}"
+            raise MultiClientError(
+                f"Per-process input: this process's devices need rows "
+                f"{start + origin}..{stop + origin} of the global batch of "
+                f"{global_rows} rows, which are not among this process's rows "
+                f"{origin}..{origin + len(array)} (a local batch of {len(array)} "
+                "rows). Feed each process its own share of every global batch: "
+                "tfshard.multi_client.input_context(strategy).shard_dataset("
+                "dataset, global_batch_size) gives it."
             )
         index[0] = slice(start, stop)
         shards.append(array[tuple(index)])

@@ -33,6 +33,7 @@ if "keras" not in sys.modules:
 
 import keras  # noqa: E402
 from keras.src.backend.common import global_state  # noqa: E402
+from keras.src.backend.common import masking as _masking  # noqa: E402
 from keras.src.backend.tensorflow import core as _tf_core  # noqa: E402
 from keras.src.layers import layer as _layer_module  # noqa: E402
 
@@ -98,6 +99,44 @@ def variable_layout(variable):
 
 def set_variable_layout(variable, layout):
     variable._layout = layout
+
+
+def variable_shape(variable):
+    # Keras's Variable._shape: the declared shape, set before any value exists.
+    return variable._shape
+
+
+def variable_dtype(variable):
+    # Variable._dtype: the stored dtype (``.dtype`` is the autocast dtype
+    # inside an autocast scope).
+    return getattr(variable, "_dtype", None) or variable.dtype
+
+
+def keras_mask(x):
+    # keras.src.backend.get_keras_mask: the mask Keras keeps on a tensor.
+    return None if x is None else _masking.get_keras_mask(x)
+
+
+def set_keras_mask(x, mask):
+    # keras.src.backend.set_keras_mask: Keras reads a tensor's (or loss's) mask from it.
+    _masking.set_keras_mask(x, mask)
+
+
+def set_initial_epoch(model, epoch):
+    # Trainer._initial_epoch: fit starts at this epoch when set (as
+    # keras.callbacks.BackupAndRestore resumes); None clears it.
+    model._initial_epoch = epoch
+
+
+def symbolic_build(model, data_batch):
+    """Create a compiled model's metric variables from one batch, as Keras
+    does before a tf.distribute run (Trainer._symbolic_build). False when
+    this Keras has no such method."""
+    build = getattr(model, "_symbolic_build", None)
+    if build is None:
+        return False
+    build(data_batch=data_batch)
+    return True
 
 
 # ---------------------------------------------------------------- the hooks
@@ -334,6 +373,13 @@ def uninstall_distribution_backend():
         else:
             setattr(tf_distribution_lib, name, original)
     _distribution_backend_originals.clear()
+
+
+def backend_variable(x):
+    # Variable._value: the backend tf.Variable behind a Keras variable (None
+    # for anything else; ``.value`` would autocast or run the initializer).
+    inner = getattr(x, "_value", None)
+    return inner if isinstance(inner, _tf_core.tf.Variable) else None
 
 
 def replace_variable_value(variable, value):

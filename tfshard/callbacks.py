@@ -32,6 +32,7 @@ import warnings
 import keras
 import numpy as np
 
+from tfshard import _keras
 from tfshard import checkpoint as _checkpoint
 
 __all__ = ["ShardedCheckpoint"]
@@ -145,7 +146,7 @@ class ShardedCheckpoint(keras.callbacks.Callback):
         self._last_saved_step = self._global_step
         epoch, batch = int(state["epoch"]), int(state["batch"])
         if epoch:
-            self.model._initial_epoch = epoch
+            _keras.set_initial_epoch(self.model, epoch)
             self._set_initial_epoch = True
         if batch:
             self._to_skip = batch
@@ -185,12 +186,12 @@ class ShardedCheckpoint(keras.callbacks.Callback):
         in the resumed epoch (fit has just reset the metrics)."""
         saved, self._pending_metrics = self._pending_metrics, None
         model = self.model
-        if len(model.metrics_variables) != len(saved) and hasattr(model, "_symbolic_build"):
+        if len(model.metrics_variables) != len(saved):
             # Keras on TensorFlow creates compiled metrics' variables in the
             # first traced train step; create them now from this batch, as
             # Keras itself does under a tf.distribute strategy.
             try:
-                model._symbolic_build(data_batch=data)
+                _keras.symbolic_build(model, data)
             except Exception:  # leave it to the warning below
                 pass
         _restore_metric_state(model, saved)
@@ -223,7 +224,7 @@ class ShardedCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self._uninstall_skipper()
         if self._set_initial_epoch:
-            self.model._initial_epoch = None
+            _keras.set_initial_epoch(self.model, None)
             self._set_initial_epoch = False
         if self._global_step != self._last_saved_step and self._global_step > 0:
             self._save()

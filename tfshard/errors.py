@@ -15,7 +15,22 @@ class MeshError(TfshardError):
 
 
 class ShardingError(TfshardError):
-    """A layout spec does not fit a tensor or a mesh."""
+    """A layout spec does not fit a tensor or a mesh.
+
+    ``kind`` classifies it for callers that act on it (None when not
+    classified): ``INDIVISIBLE`` when mesh axis ``axis`` (of ``axis_size``
+    devices) cannot split a size evenly; ``dim`` is the tensor dimension,
+    when the size is one.
+    """
+
+    INDIVISIBLE = "indivisible"
+
+    def __init__(self, message, *, kind=None, axis=None, axis_size=None, dim=None):
+        super().__init__(message)
+        self.kind = kind
+        self.axis = axis
+        self.axis_size = axis_size
+        self.dim = dim
 
 
 class VirtualDeviceError(TfshardError, RuntimeError):
@@ -32,6 +47,11 @@ class StrategyError(TfshardError):
 class MultiClientError(TfshardError):
     """Multi-client (multi-process) settings are missing, malformed or
     contradict each other, or are applied too late."""
+
+
+class UnsupportedFeatureError(TfshardError, NotImplementedError):
+    """A request tfshard does not support (yet). Also a
+    ``NotImplementedError``, so ``except NotImplementedError`` still works."""
 
 
 class ProcessLostError(RuntimeError):

@@ -39,7 +39,7 @@ from keras import tree
 
 from tfshard import _dtensor, _keras
 from tfshard import strategy as _strategy
-from tfshard.errors import ShardingError, StrategyError
+from tfshard.errors import ShardingError, StrategyError, UnsupportedFeatureError
 from tfshard.layout import KEEP, PathRules, fitting_spec, validate_spec
 from tfshard.mesh import Mesh
 
@@ -58,7 +58,8 @@ _KERAS_KINDS = "keras.distribution.ModelParallel, DataParallel, LayoutMap or Dev
 # ---------------------------------------------------------------- meshes
 class _Cache:
     """Values cached per Keras object, held weakly (a LayoutMap is a
-    mutable mapping, so it cannot be a dict key)."""
+    mutable mapping, so it cannot be a dict key). A value must not refer to
+    its object, or the object is never released."""
 
     def __init__(self):
         self._entries = {}
@@ -222,8 +223,6 @@ def builder_from_keras(obj):
     tensor-parallel axis, so tfshard layers in the same model shard their
     logical dims over it.
     """
-    from tfshard.strategy import StrategyBuilder
-
     rules = None
     if isinstance(obj, keras.distribution.ModelParallel):
         device_mesh, data_axis = obj.device_mesh, obj.batch_dim_name
@@ -248,7 +247,7 @@ def builder_from_keras(obj):
             f"{type(obj).__name__}."
         )
     mesh = mesh_from_keras(device_mesh)
-    builder = StrategyBuilder(mesh).data_parallel(data_axis)
+    builder = _strategy.StrategyBuilder(mesh).data_parallel(data_axis)
     if not isinstance(obj, keras.distribution.DataParallel):
         tensor_axis = _other_axis(mesh, data_axis)
         if tensor_axis is not None:
@@ -259,24 +258,41 @@ def builder_from_keras(obj):
     return builder
 
 
-_strategies = _Cache()
+# The strategy converted from a Keras object is cached on the object itself:
+# its rules call the object's lookup, so a cache outside the object would
+# keep the object (and the strategy's DTensor mesh) alive for ever.
+_STRATEGY_ATTR = "_tfshard_converted_strategy"
 
 
 def strategy_from_keras(obj):
-    """The built strategy for a Keras distribution object, cached per object
-    (its rules are a live view of the object's layout map)."""
+    """The built strategy for a Keras distribution object, cached on the
+    object (its rules are a live view of the object's layout map), so both
+    are released together."""
     if isinstance(obj, _strategy.Strategy):
         return obj
-    strategy = _strategies.get(obj)
+    strategy = getattr(obj, _STRATEGY_ATTR, None)
     if strategy is None:
         strategy = builder_from_keras(obj).build()
-        _strategies[obj] = strategy
+        setattr(obj, _STRATEGY_ATTR, strategy)
     return strategy
 
 
 # ------------------------------------------------------------ validation
-def _describe_fix(path, rule, spec, shape, strategy):
-    fit = fitting_spec(spec, shape, strategy.mesh)
+def _fitting_spec_if_fixable(spec, shape, mesh):
+    """The spec that fits ``shape`` when ``spec`` fails only because some
+    mesh axes do not divide their dimensions; None when it fails otherwise
+    (rank, unknown axis): the rule itself is then wrong, not its fit."""
+    if len(spec) != len(shape):
+        return None
+    fit = fitting_spec(spec, shape, mesh)
+    try:
+        validate_spec(fit, shape, mesh, name="fitting spec")
+    except ShardingError:
+        return None
+    return fit if fit != tuple(spec) else None
+
+
+def _describe_fix(path, rule, fit):
     if rule.endswith("layout map"):
         return f"give {path!r} the spec {fit!r} in the {rule}"
     if rule == path:
@@ -320,8 +336,9 @@ def check_layout(layout, model):
                 rule = strategy.path_rules.match_rule(path)
             except ShardingError:  # ambiguous: the message says so
                 rule = None
-            if rule is not None and "divide" in str(err):
-                line += f" Fix: {_describe_fix(path, rule[0], rule[1], shape, strategy)}."
+            fit = None if rule is None else _fitting_spec_if_fixable(rule[1], shape, strategy.mesh)
+            if fit is not None:
+                line += f" Fix: {_describe_fix(path, rule[0], fit)}."
             problems.append(line)
     if problems:
         raise ShardingError(
@@ -338,17 +355,6 @@ def _active_strategy():
     return strategy_from_keras(distribution)
 
 
-def _spec_for_tensor(layout, shape, strategy):
-    spec = _spec_of(layout, "distribute_tensor")
-    name = f"distribute_tensor(layout={spec!r})"
-    if len(spec) != len(shape):
-        validate_spec(spec, shape, strategy.mesh, name=name)  # raises: rank
-    validate_spec(spec, (None,) + tuple(shape[1:]), strategy.mesh, name=name)
-    if spec and spec[0] is not None and spec[0] == strategy.data_axis:
-        spec = (KEEP,) + spec[1:]  # the batch keeps its own split
-    return spec
-
-
 def distribute_tensor(tensor, layout):
     """Keras's backend ``distribute_tensor`` for TensorFlow: lay ``tensor``
     (or each tensor of a structure) out as ``layout`` on the active
@@ -361,11 +367,14 @@ def distribute_tensor(tensor, layout):
             else keras.distribution.distribution()
         )
 
+    wanted = _spec_of(layout, "distribute_tensor")
+    name = f"distribute_tensor(layout={wanted!r})"
+
     def one(x):
         if isinstance(x, keras.KerasTensor) or not isinstance(x, (tf.Tensor, np.ndarray)):
             return x
         shape = tuple(x.shape)
-        spec = _spec_for_tensor(layout, shape, strategy)
+        spec = strategy.activation_spec(wanted, shape, name=name)
         if tf.executing_eagerly() and not _dtensor.is_dtensor(x):
             spec = tuple(strategy.batch_spec(shape)[0] if s == KEEP else s for s in spec)
         return strategy.place(x, spec)
@@ -400,9 +409,9 @@ def initialize(job_addresses=None, num_processes=None, process_id=None):
     """Keras's backend ``initialize``: a no-op for one process. Several
     processes are started through tfshard's own multi-client set-up."""
     if num_processes not in (None, 1):
-        raise NotImplementedError(
+        raise UnsupportedFeatureError(
             "keras.distribution.initialize(num_processes="
-            f"{num_processes}): on TensorFlow, start the processes with "
+            f"{num_processes}) is not supported on TensorFlow: start the processes with "
             "tfshard's multi-client set-up instead (tfshard.initialize_multi_client() "
             "or `tfshard launch`), then use keras.distribution as usual."
         )
@@ -430,7 +439,7 @@ def enable_keras_distribution(enabled=True):
     """
     global _enabled
     if enabled:
-        _strategy._keras_distribution_strategy = _active_strategy
+        _strategy.set_keras_distribution_resolver(_active_strategy)
         _keras.install_distribution_backend(
             dict(
                 distribute_tensor=distribute_tensor,
@@ -444,7 +453,7 @@ def enable_keras_distribution(enabled=True):
             )
         )
     else:
-        _strategy._keras_distribution_strategy = None
+        _strategy.set_keras_distribution_resolver(None)
         _keras.uninstall_distribution_backend()
     _enabled = bool(enabled)
 

@@ -83,7 +83,8 @@ def validate_spec(spec, shape, mesh, *, name):
                 f"{axis!r} (size {parts}) cannot divide evenly (shape {shape}, "
                 f"spec {spec!r}). Use a size that is a multiple of {parts}, "
                 f"or None for that dimension to replicate it; spec "
-                f"{fitting_spec(spec, shape, mesh)!r} fits this tensor."
+                f"{fitting_spec(spec, shape, mesh)!r} fits this tensor.",
+                kind=ShardingError.INDIVISIBLE, axis=axis, axis_size=parts, dim=dim,
             )
     return spec
 

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tfshard import _dtensor
+from tfshard import _dtensor, _keras
 from tfshard.strategy import current_strategy
 
 __all__ = ["VocabParallelSparseCategoricalCrossentropy", "vocab_parallel_sparse_categorical_crossentropy"]
@@ -82,10 +82,7 @@ def vocab_parallel_sparse_categorical_crossentropy(
     losses = log_sum_exp - target
     if valid is not None:
         losses = ops.where(valid, losses, ops.zeros_like(losses))
-        try:  # Keras reads the loss mask from this attribute
-            losses._keras_mask = valid
-        except AttributeError:  # pragma: no cover
-            pass
+        _keras.set_keras_mask(losses, valid)  # Keras reads the loss mask from it
     return losses
 
 

@@ -34,8 +34,9 @@ from keras import tree
 
 from tfshard import _dtensor, _keras
 from tfshard.errors import StrategyError
-from tfshard.layout import LogicalRules, PathRules, validate_spec
+from tfshard.layout import KEEP, LogicalRules, PathRules, validate_spec
 from tfshard.mesh import Mesh
+from tfshard.tensors import VariableLayout, masked_local_lookup
 
 # "experts" (ExpertParallelMoE) defaults to the tensor axis too; a rule
 # {"experts": <data axis>} gives GShard's experts-over-data layout instead.
@@ -52,9 +53,16 @@ def _stack():
     return _local.stack
 
 
-#: Set by tfshard.interop: () -> the Strategy for the active
-#: ``keras.distribution`` distribution (None when none is set).
-_keras_distribution_strategy = None
+_keras_distribution_resolver = None
+
+
+def set_keras_distribution_resolver(resolver):
+    """Register ``resolver() -> Strategy | None``: the strategy for the
+    active ``keras.distribution`` distribution, which
+    :func:`current_strategy` falls back on outside every scope.
+    ``tfshard.interop`` registers it; ``None`` clears it."""
+    global _keras_distribution_resolver
+    _keras_distribution_resolver = resolver
 
 
 def current_strategy():
@@ -66,8 +74,8 @@ def current_strategy():
     stack = _stack()
     if stack:
         return stack[-1]
-    if _keras_distribution_strategy is not None:
-        return _keras_distribution_strategy()
+    if _keras_distribution_resolver is not None:
+        return _keras_distribution_resolver()
     return None
 
 
@@ -105,27 +113,6 @@ def _declared_logical_axes(path):
         if path == name or path.endswith("/" + name):
             return named_axes
     return None
-
-
-class VariableLayout:
-    """What tfshard stores in a Keras variable's ``_layout``.
-
-    Keras optimizers copy a reference variable's ``_layout`` into the slots
-    they create for it, which is how slots get their parameter's layout.
-    """
-
-    __slots__ = ("strategy", "spec")
-
-    def __init__(self, strategy, spec):
-        self.strategy = strategy
-        self.spec = tuple(spec)
-
-    @property
-    def axes(self):  # the attribute keras.distribution.TensorLayout exposes
-        return self.spec
-
-    def __repr__(self):
-        return f"VariableLayout({self.spec!r})"
 
 
 class Strategy:
@@ -245,23 +232,28 @@ class Strategy:
 
     def output_spec(self, path, shape):
         """The validated activation spec for ``path`` (``"<layer>/output"``)
-        of a tensor with ``shape``, or None when no output rule matches.
-        Dimension 0 laid out over the data axis keeps the batch's own
-        sharding (``KEEP``), so a partial batch that runs replicated works."""
-        from tfshard.layout import KEEP
-
+        of a tensor with ``shape``, or None when no output rule matches
+        (see :meth:`activation_spec`)."""
         rule = self._output_rules.match_rule(path, what="Layer output")
         if rule is None:
             return None
         pattern, spec = rule
-        name = f"Layer output {path!r} (layout rule {pattern!r})"
+        return self.activation_spec(
+            spec, shape, name=f"Layer output {path!r} (layout rule {pattern!r})"
+        )
+
+    def activation_spec(self, spec, shape, *, name):
+        """``spec`` validated for an activation of ``shape`` (any batch
+        size). Dimension 0 laid out over the data axis keeps the batch's own
+        sharding (``KEEP``), so a partial batch that runs replicated works."""
+        spec = tuple(spec)
         shape = tuple(None if d is None else int(d) for d in shape)
         if len(shape) != len(spec):
             validate_spec(spec, shape, self._mesh, name=name)  # raises: rank
         validate_spec(spec, (None,) + shape[1:], self._mesh, name=name)
         if spec and spec[0] is not None and spec[0] == self._data_axis:
-            spec = (KEEP,) + tuple(spec[1:])
-        return tuple(spec)
+            spec = (KEEP,) + spec[1:]
+        return spec
 
     @property
     def optimizer_state_axis(self):
@@ -329,6 +321,7 @@ class Strategy:
         value, a DTensor, or a callable giving one) laid out as ``spec``.
         Records the layout on ``kvar`` and tracks it."""
         dlayout = self.dtensor_layout(spec)
+        dtype = _keras.variable_dtype(kvar)
         with tf.init_scope():
             if callable(value):
                 # On the host: an enclosing colocation scope (Keras colocates
@@ -339,9 +332,9 @@ class Strategy:
             if _dtensor.is_dtensor(value):
                 initial = _dtensor.relayout(value, dlayout)
             else:
-                initial = _dtensor.distribute(np.asarray(value), dlayout, dtype=kvar._dtype)
+                initial = _dtensor.distribute(np.asarray(value), dlayout, dtype=dtype)
             variable = _dtensor.make_variable(
-                initial, trainable=kvar.trainable, name=kvar.name, dtype=kvar._dtype
+                initial, trainable=kvar.trainable, name=kvar.name, dtype=dtype
             )
         _keras.set_variable_layout(kvar, VariableLayout(self, spec))
         self._track(kvar)
@@ -461,6 +454,8 @@ class StrategyBuilder:
         ``DataParallel``, ``LayoutMap`` or ``DeviceMesh`` (see
         :func:`tfshard.interop.builder_from_keras`). Chain more calls or
         ``.build()`` it."""
+        # interop sits above strategy (it converts Keras objects into
+        # builders), so it is imported here, when called, never at import time.
         from tfshard import interop
 
         return interop.builder_from_keras(distribution_or_layout_map)
@@ -505,12 +500,13 @@ def strategy_of_layer(layer):
 
 def _make_variable(kvar, value):
     layout = _keras.variable_layout(kvar)
+    declared = _keras.variable_shape(kvar)
     if isinstance(layout, VariableLayout):
         # Created with a tfshard layout: an optimizer slot (Keras passes the
         # parameter's ``_layout`` to its slots).
         strategy = layout.strategy
-        spec = strategy.optimizer_state_spec(layout.spec, kvar._shape)
-        spec = validate_spec(spec, kvar._shape, strategy.mesh, name=f"Variable {kvar.path!r}")
+        spec = strategy.optimizer_state_spec(layout.spec, declared)
+        spec = validate_spec(spec, declared, strategy.mesh, name=f"Variable {kvar.path!r}")
     elif layout is not None:
         # A keras.distribution.TensorLayout given explicitly (Variable(...,
         # layout=...)): honoured as the spec under an active strategy, as
@@ -518,7 +514,7 @@ def _make_variable(kvar, value):
         strategy = current_strategy()
         if strategy is None or not isinstance(layout, keras.distribution.TensorLayout):
             return None
-        shape = kvar._shape if kvar._shape is not None else value.shape
+        shape = declared if declared is not None else value.shape
         spec = validate_spec(
             layout.axes, shape, strategy.mesh, name=f"Variable {kvar.path!r} (its layout=)"
         )
@@ -526,7 +522,7 @@ def _make_variable(kvar, value):
         strategy = current_strategy()
         if strategy is None:
             return None
-        shape = kvar._shape if kvar._shape is not None else value.shape
+        shape = declared if declared is not None else value.shape
         spec = strategy.variable_spec(kvar.path, shape, _declared_logical_axes(kvar.path))
     return strategy._variable_on_mesh(kvar, value, spec)
 
@@ -574,8 +570,6 @@ def _gathered_op(op, inputs, args, kwargs):
         if isinstance(layout, VariableLayout) and any(layout.spec):
             return strategy.place(x.value, (None,) * len(layout.spec))
         return x
-
-    from tfshard.layout import KEEP
 
     def features_whole(x):
         return strategy.place(x, (KEEP,) + (None,) * (len(x.shape) - 1))
@@ -626,7 +620,7 @@ def _take(original, x, indices, axis):
     keras-hub's ``ReversibleEmbedding`` lookups) on a table whose rows are
     split over a mesh axis.
 
-    Forward: Megatron's masked local lookup (see ``tfshard.layers.embedding``):
+    Forward: Megatron's masked local lookup (``tfshard.tensors.masked_local_lookup``):
     each device looks the ids up in its own rows, one all-reduce of the
     output over that axis; the table is never gathered over it (a table
     also split over the data axis, FSDP-style, is first all-gathered over
@@ -647,11 +641,6 @@ def _take(original, x, indices, axis):
     split_axis = compute[0]
     if split_axis is None:
         return NotImplemented
-    from types import SimpleNamespace
-
-    from tfshard.layers.embedding import _masked_local_lookup
-    from tfshard.layout import KEEP
-
     vocab, dim = (int(d) for d in x.shape)
     size = strategy.mesh.axis_size(split_axis)
     rows = vocab // size
@@ -663,7 +652,6 @@ def _take(original, x, indices, axis):
     elif ids.shape.rank:
         ids = strategy.place(ids, (KEEP,) + (None,) * (ids.shape.rank - 1))
     ids = tf.where(ids < 0, ids + vocab, ids)  # negative ids count from the end
-    owner = SimpleNamespace(sharding_strategy=strategy)  # what the lookup needs of a layer
     stored = tf.convert_to_tensor(x.value)  # as stored: no compute relayout
 
     @tf.custom_gradient
@@ -671,7 +659,7 @@ def _take(original, x, indices, axis):
         table = strategy.place(table, compute)  # all-gather over the data axis, if split
         # (V, D) -> (tp, V/tp, D), split on dim 0: one slab per device.
         slabs = strategy.place(tf.reshape(table, (size, rows, dim)), (split_axis, None, None))
-        out = _masked_local_lookup(owner, slabs, ids, split_axis, size, rows)
+        out = masked_local_lookup(strategy, slabs, ids, split_axis, size, rows)
 
         def grad(upstream):
             return tf.IndexedSlices(

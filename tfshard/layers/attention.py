@@ -25,7 +25,7 @@ import keras
 from keras import ops
 import tensorflow as tf
 
-from tfshard import _dtensor
+from tfshard import _dtensor, _keras
 from tfshard.errors import ShardingError
 from tfshard.layers.base import ShardedLayerMixin
 from tfshard.strategy import declare_logical_axes_by_name
@@ -38,20 +38,6 @@ def _on_mesh(layer, x):
     if x is None or not tf.executing_eagerly() or _dtensor.is_dtensor(x):
         return x
     return layer.sharding_strategy.place(x, (None,) * len(x.shape))
-
-
-def _keras_mask(x):
-    # Keras keeps a tensor's mask in this attribute (keras.src.backend
-    # .get_keras_mask, which only tfshard._keras may import); TensorFlow
-    # tensors accept it, so no fallback table is involved.
-    return getattr(x, "_keras_mask", None) if x is not None else None
-
-
-def _set_keras_mask(x, mask):
-    try:
-        x._keras_mask = mask
-    except AttributeError:  # pragma: no cover - not a TensorFlow tensor
-        pass
 
 
 def _check_divisible(layer, what, count, logical):
@@ -68,7 +54,8 @@ def _check_divisible(layer, what, count, logical):
             f"split evenly over mesh axis {axis!r} of size {size} (logical "
             f"dimension {logical!r}). Use a multiple of {size} for {what}, a "
             f"mesh whose {axis!r} axis size divides {count} (one of {fits}), "
-            f"or the rule {{{logical!r}: None}} to replicate these heads."
+            f"or the rule {{{logical!r}: None}} to replicate these heads.",
+            kind=ShardingError.INDIVISIBLE, axis=axis, axis_size=size,
         )
 
 
@@ -88,7 +75,7 @@ class _HeadParallelMixin(ShardedLayerMixin):
         key_in = value_in if same_kv else self._features_whole(key)
         if clear_input_masks:
             for tensor in (query_in, value_in, key_in):
-                _set_keras_mask(tensor, None)
+                _keras.set_keras_mask(tensor, None)
         attention_mask = self._compute_attention_mask(
             query_in,
             value_in,
@@ -180,7 +167,7 @@ class HeadParallelAttention(_HeadParallelMixin, keras.layers.MultiHeadAttention)
         return axes
 
     def build(self, query_shape, value_shape, key_shape=None):
-        _check_divisible(self, "num_heads", self._num_heads, "heads")
+        _check_divisible(self, "num_heads", self.num_heads, "heads")
         with declare_logical_axes_by_name(self.weight_logical_axes()):
             super().build(query_shape, value_shape, key_shape)
 
@@ -213,7 +200,7 @@ class HeadParallelAttention(_HeadParallelMixin, keras.layers.MultiHeadAttention)
         # Keras's MultiHeadAttention.call, with layouts: inputs whole,
         # projections split by heads, output whole after one all-reduce.
         # Keras reads the query mask off the tensor, not the argument.
-        query_mask = _keras_mask(query)
+        query_mask = _keras.keras_mask(query)
         query_in, value_in, key_in, attention_mask = self._inputs_and_mask(
             query, value, key, query_mask, value_mask, key_mask, attention_mask,
             use_causal_mask, clear_input_masks=True,
@@ -232,7 +219,7 @@ class HeadParallelAttention(_HeadParallelMixin, keras.layers.MultiHeadAttention)
         # Row-parallel: contracts the head dims, partial sums all-reduced.
         output = self._features_whole(self._output_dense(output))
         if query_mask is not None:
-            _set_keras_mask(output, query_mask)
+            _keras.set_keras_mask(output, query_mask)
         if return_attention_scores:
             return output, scores
         return output

@@ -28,61 +28,13 @@ support sharded 0th dimension for the resource tensor").
 from __future__ import annotations
 
 import keras
-import numpy as np
-import tensorflow as tf
 from keras import ops
 
-from tfshard.errors import ShardingError
+from tfshard.errors import ShardingError, UnsupportedFeatureError
 from tfshard.layers.base import ShardedLayerMixin
+from tfshard.tensors import masked_local_lookup
 
 _SHARD_DIMS = ("vocab", "embedding")
-
-
-def _masked_local_lookup(layer, slabs, ids, axis, size, rows):
-    """Megatron's lookup in global view; ``slabs`` is ``(tp, V/tp, D)`` split
-    on dim 0, ``ids`` any shape. Returns ``(ids..., D)`` after one all-reduce.
-
-    The gradient is written by hand: TensorFlow's gradient of a gather along
-    axis 1 scatters into a whole ``(tp, V/tp, D)`` tensor on every device (a
-    full-table gradient, all-reduced over the data axis at full size). Here
-    each device scatter-adds only into its own slab.
-    """
-    dims = "abcefghijklmnopqrtuvwxyz"[: len(ids.shape)]
-    shard = ops.floor_divide(ids, rows)
-    local = ops.mod(ids, rows)
-    # (ids..., tp): 1 on the owner of each id, 0 elsewhere, split on tp like
-    # the slabs: compare with the slab ids each device holds (no gather).
-    # (Not ops.one_hot: DTensor cannot expand OneHot split on its depth.)
-    eager = tf.executing_eagerly()
-    slab_ids = np.arange(size, dtype="int32") if eager else tf.range(size, dtype="int32")
-    slab_ids = layer.sharding_strategy.place(slab_ids, (axis,))
-    owner = ops.cast(
-        ops.equal(ops.expand_dims(ops.cast(shard, "int32"), -1), slab_ids), slabs.dtype
-    )
-
-    @tf.custom_gradient
-    def lookup(slabs):
-        # (tp, ids..., D): every device looks every id up in its own slab.
-        looked_up = ops.take(slabs, local, axis=1)
-        # Keep each id's row on its owner only; contracting the split dim
-        # gives partial sums that DTensor all-reduces (the one collective).
-        out = ops.einsum(f"s{dims}d,{dims}s->{dims}d", looked_up, owner)
-
-        def grad(upstream):
-            # Each device's share of the upstream gradient: (tp, ids..., D),
-            # zero for the ids it does not own. No communication.
-            mine = ops.einsum(f"{dims}d,{dims}s->s{dims}d", upstream, owner)
-            mine = ops.reshape(mine, (size, -1, slabs.shape[-1]))
-            mine = ops.transpose(mine, (1, 0, 2))  # (n_ids, tp, D)
-            # Scatter-add into rows; the slab dim stays split (and partial
-            # sums over a split batch are all-reduced over the data axis).
-            table_grad = tf.math.unsorted_segment_sum(mine, ops.reshape(local, (-1,)), rows)
-            table_grad = ops.transpose(table_grad, (1, 0, 2))
-            return layer.sharding_strategy.place(table_grad, (axis, None, None))
-
-        return out, grad
-
-    return lookup(slabs)
 
 
 def _tied_equation(hidden):
@@ -157,7 +109,8 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
                 f"dimension {self.logical_dim!r}). Pad it to a multiple of "
                 f"{size} (e.g. {padded}; Megatron pads the vocabulary), use a "
                 f"mesh whose {axis!r} axis divides {count}, or the rule "
-                f"{{{self.logical_dim!r}: None}} to replicate the table."
+                f"{{{self.logical_dim!r}: None}} to replicate the table.",
+                kind=ShardingError.INDIVISIBLE, axis=axis, axis_size=size,
             )
 
     def build(self, input_shape=None):
@@ -171,9 +124,12 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
         if self.sharding_strategy is None:
             return super().call(inputs)
         if self.quantization_mode or self.lora_enabled:
-            raise NotImplementedError(
-                f"{type(self).__name__} {self.name!r}: quantized or LoRA "
-                "embeddings are not supported on a mesh yet."
+            raise UnsupportedFeatureError(
+                f"{type(self).__name__} {self.name!r}: quantization_mode="
+                f"{self.quantization_mode!r}, lora_enabled={self.lora_enabled}: "
+                "quantized or LoRA embeddings are not supported on a mesh yet. "
+                "Use the layer without quantize() / enable_lora(), or create it "
+                "outside every strategy scope."
             )
         if inputs.dtype != "int32" and inputs.dtype != "int64":
             inputs = ops.cast(inputs, "int32")
@@ -190,7 +146,7 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
         # (V, D) -> (tp, V/tp, D), split on dim 0: one slab per device.
         slabs = ops.reshape(table, (size, rows, self.output_dim))
         slabs = self.sharding_strategy.place(slabs, (axis, None, None))
-        out = _masked_local_lookup(self, slabs, ids, axis, size, rows)
+        out = masked_local_lookup(self.sharding_strategy, slabs, ids, axis, size, rows)
         out = self._constrain(out, ())
         return ops.cast(out, self.compute_dtype)
 
