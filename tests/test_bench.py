@@ -25,8 +25,14 @@ TINY = [
 ]
 
 
-def tiny_transformer(*overrides):
-    return config_lib.load(os.path.join(CONFIGS, "transformer_2x4.yaml"), TINY + list(overrides))
+def tiny_transformer(*overrides, name="transformer_2x4"):
+    return config_lib.load(os.path.join(CONFIGS, f"{name}.yaml"), TINY + list(overrides))
+
+
+def tiny_moe_transformer(*overrides):
+    """configs/transformer_moe_2x4.yaml, small: 2 blocks, each FFN a mixture
+    of 8 experts over 'batch' with d_ff over 'model'."""
+    return tiny_transformer(*overrides, name="transformer_moe_2x4")
 
 
 def mlp_step_collectives(blocks):
@@ -46,7 +52,7 @@ def mlp_step_collectives(blocks):
         model = keras.Sequential(layers)
         model.compile(optimizer="adam", loss="mse")
     x = np.random.RandomState(0).randn(8, 16).astype("float32")
-    with comm._dump_dir() as directory:
+    with comm.dump_dir() as directory:
         model.fit(x, x, batch_size=8, epochs=1, verbose=0)
         return {
             stage: comm.parse_dump_dir(directory, stage, program=bench.TRAIN_STEP_PROGRAM)[0]
@@ -61,6 +67,7 @@ def measure_block_collectives():
         config = tiny_transformer(f"model.layers={layers}")
         for shape in ((2, 4), (8, 1)):
             out[f"{layers}@{shape[0]}x{shape[1]}"] = bench.count_step_collectives(config, shape)
+    out["moe@2x4"] = bench.count_step_collectives(tiny_moe_transformer(), (2, 4))
     return out
 
 
@@ -107,7 +114,64 @@ def test_pure_data_parallel_only_reduces_gradients(block_collectives):
         launched = block_collectives[name]["optimized"]
         assert launched.total(axis="model") == 0, launched
         assert launched.total("all_gather") == 0, launched
-        assert launched[("all_reduce", "batch")] >= 1, launched
+        # README: "Pure data parallel (8x1) launches one all-reduce."
+        assert launched.total("all_reduce") == 1, launched
+        assert launched[("all_reduce", "batch")] == 1, launched
+
+
+def without_local_slices(counts):
+    """Counts minus the all-scatters (local slices, no data moved)."""
+    return {k: n for k, n in counts.items() if n and k[0] != "all_scatter"}
+
+
+def test_readme_figures_of_the_reference_transformer_step(block_collectives):
+    """README, Performance: the 2-block reference transformer on 2x4
+    launches 12 model-axis all-reduces and one data-axis all-reduce, which
+    SPMD expansion emitted as 38 gradient all-reduces."""
+    step = block_collectives["2@2x4"]
+    assert without_local_slices(step["optimized"]) == {
+        ("all_reduce", "model"): 12,
+        ("all_reduce", "batch"): 1,
+    }, step["optimized"]
+    assert step["expanded"][("all_reduce", "batch")] == 38, step["expanded"]
+    assert step["expanded"].total("all_reduce", "model") == 17, step["expanded"]
+
+
+def test_moe_transformer_step_is_all_to_alls_over_the_expert_axis(block_collectives):
+    """configs/transformer_moe_2x4.yaml (experts over 'batch', d_ff over
+    'model'): each MoE block routes by 4 all-to-alls over 'batch'; its d_ff
+    all-reduces replace the dense FFN's on 'model' one for one; the
+    load-balancing loss adds one scalar all-reduce over 'batch'. Nothing is
+    gathered."""
+    step = block_collectives["moe@2x4"]
+    assert without_local_slices(step["optimized"]) == {
+        ("all_to_all", "batch"): 8,
+        ("all_reduce", "model"): 12,
+        ("all_reduce", "batch"): 2,  # the combined gradients + the aux-loss mean
+    }, step["optimized"]
+    # Expanded: 4 fewer gradient all-reduces per block than the dense model
+    # (the expert kernels are split over 'batch'; the router's remains) and
+    # one aux-loss mean per block.
+    dense = block_collectives["2@2x4"]["expanded"][("all_reduce", "batch")]
+    assert step["expanded"][("all_reduce", "batch")] == dense - 2 * (4 - 1) + 2, step["expanded"]
+
+
+@pytest.mark.parametrize("name", ["1@2x4", "2@2x4", "1@8x1", "2@8x1", "moe@2x4"])
+def test_communication_estimate_agrees_with_the_measured_step(name, block_collectives):
+    """``tfshard inspect``'s estimate (report.estimate_collectives) is what
+    DTensor launches, kind by kind and axis by axis."""
+    from tfshard.report import communication_estimate, estimate_collectives
+
+    layers, _, shape = name.partition("@")
+    mesh = tuple(int(n) for n in shape.split("x"))
+    config = tiny_moe_transformer() if layers == "moe" else tiny_transformer(f"model.layers={layers}")
+    config = bench.with_mesh(config, mesh)
+    measured = without_local_slices(block_collectives[name]["optimized"])
+    assert estimate_collectives(config) == measured, (estimate_collectives(config), measured)
+    text = communication_estimate(config)
+    if layers == "moe":
+        assert "8 all-to-alls" in text and "MoE dispatch + combine" in text, text
+        assert "FFN output fwd" not in text, text  # no dense FFN block here
 
 
 def test_per_device_bytes_of_tensor_parallel_weights_are_global_over_tp():
@@ -159,6 +223,22 @@ def test_mesh_list_errors_name_the_value():
     for bad in ("2x", "2*4", "0x8", "two"):
         with pytest.raises(config_lib.ConfigError, match="DATAxMODEL"):
             bench.parse_meshes(bad)
+
+
+def test_jax_reference_refuses_models_it_cannot_build():
+    """The JAX reference is the dense transformer: a MoE or CNN config would
+    be timed against a different model, so it is an error (before any
+    timing), whether or not JAX is installed."""
+    moe = tiny_moe_transformer()
+    with pytest.raises(config_lib.ConfigError, match=r"model.moe_experts=8.*model.moe_experts=0"):
+        bench.run_jax_reference(moe, (2, 4), steps=3)
+    with pytest.raises(config_lib.ConfigError, match=r"model.moe_experts=8"):
+        bench.bench(moe, meshes=[(2, 4)], steps=3, rounds=1, collectives=False, jax=True)
+    cnn = config_lib.load(os.path.join(CONFIGS, "cnn_2x4_channels.yaml"))
+    with pytest.raises(config_lib.ConfigError, match=r"model.kind='cnn'"):
+        bench.run_jax_reference(cnn, (2, 4), steps=3)
+    # The dense model of the same config is accepted.
+    bench.check_jax_reference_config(tiny_moe_transformer("model.moe_experts=0"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")

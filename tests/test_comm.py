@@ -122,6 +122,21 @@ def test_dump_directory_stages(tmp_path):
         comm.parse_dump_dir(str(tmp_path), stage="lowered")
 
 
+def test_dump_dir_is_public_and_restores_the_prefix(monkeypatch):
+    assert "dump_dir" in comm.__all__
+    assert comm._dump_dir is comm.dump_dir  # the former private name still works
+    monkeypatch.setenv("TF_DUMP_GRAPH_PREFIX", "/previous/prefix")
+    with comm.dump_dir() as directory:
+        assert os.path.isdir(directory)
+        assert os.environ["TF_DUMP_GRAPH_PREFIX"] == directory
+    assert not os.path.exists(directory)
+    assert os.environ["TF_DUMP_GRAPH_PREFIX"] == "/previous/prefix"
+    monkeypatch.delenv("TF_DUMP_GRAPH_PREFIX")
+    with comm.dump_dir():
+        pass
+    assert "TF_DUMP_GRAPH_PREFIX" not in os.environ
+
+
 def test_in_process_counting_needs_the_logging_flag(monkeypatch):
     monkeypatch.delenv("TF_CPP_VMODULE", raising=False)
     monkeypatch.delenv("TF_CPP_MAX_VLOG_LEVEL", raising=False)

@@ -228,6 +228,7 @@ DUMP_SCRIPT = textwrap.dedent(
     import sys
     import tfshard
     tfshard.use_virtual_devices(8)
+    import keras
     import numpy as np, tensorflow as tf
     from tfshard.layers import SpatialParallelConv2D
     mesh = tfshard.Mesh({"batch": 2, "model": 4})
@@ -235,7 +236,12 @@ DUMP_SCRIPT = textwrap.dedent(
              .rules({"height": "model"}).build())
     with strat.scope():
         layer = SpatialParallelConv2D(4, 3, padding="same")
-    layer.build((None, 32, 8, 4))
+        # The ResNet way: a bias-free conv, then BatchNormalization (its
+        # output relayout takes the stop_gradient path of _unblock).
+        bare = SpatialParallelConv2D(4, 3, padding="same", use_bias=False)
+        norm = keras.layers.BatchNormalization()
+    for built in (layer, bare, norm):
+        built.build((None, 32, 8, 4))
     x = strat.place(np.ones((4, 32, 8, 4), "float32"), ("batch", "model", None, None))
 
     @tf.function
@@ -245,7 +251,15 @@ DUMP_SCRIPT = textwrap.dedent(
             loss = tf.reduce_sum(tf.square(layer(x)))
         return tape.gradient(loss, [x] + layer.trainable_weights)
 
+    @tf.function
+    def bn_step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(norm(bare(x), training=True)))
+        return tape.gradient(loss, [x] + bare.trainable_weights + norm.trainable_weights)
+
     step(x)
+    bn_step(x)
     """
 )
 
@@ -261,34 +275,68 @@ def _collectives(mlir_text):
     return out
 
 
-def test_halo_exchange_never_gathers_the_image(tmp_path):
-    """In DTensor's SPMD dump (forward + backward of one conv on a 2x4
-    mesh, image 4x32x8x4 split 2-way on batch and 4-way on height), every
-    all-gather moves only the border strips: (2 local images) x (4 bands) x
-    (2 halo rows) x 8 x 4 = 512 floats at most, not the 2048-float image
-    each data shard holds."""
+@pytest.fixture(scope="module")
+def step_collectives(tmp_path_factory):
+    """``{"step": [(kind, size)], "bn_step": [...]}``: the collectives of
+    both steps of DUMP_SCRIPT, from DTensor's SPMD dump (one child
+    process)."""
+    dump = tmp_path_factory.mktemp("spmd_dump")
     env = dict(os.environ)
     env.update(
-        TF_DUMP_GRAPH_PREFIX=str(tmp_path),
+        TF_DUMP_GRAPH_PREFIX=str(dump),
         TF_CPP_VMODULE="dtensor_mlir_passes=1",
         MLIR_BRIDGE_LOG_PASS_FILTER="DTensorSPMDExpansion",
         TF_CPP_MIN_LOG_LEVEL="2",
         PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(tfshard.__file__)), env.get("PYTHONPATH", "")]),
     )
     subprocess.run([sys.executable, "-c", DUMP_SCRIPT], env=env, check=True, capture_output=True, timeout=300)
-    files = glob.glob(str(tmp_path / "*after_DTensorSPMDExpansion*step*.mlir"))
-    assert files, os.listdir(tmp_path)
-    found = _collectives(open(files[0]).read())
+    out = {}
+    for name in ("step", "bn_step"):
+        files = glob.glob(str(dump / f"*after_DTensorSPMDExpansion*__inference_{name}_*.mlir"))
+        assert len(files) == 1, (name, os.listdir(dump))
+        with open(files[0]) as handle:
+            out[name] = _collectives(handle.read())
+    return out
+
+
+# Image 4x32x8x4 split 2-way on batch and 4-way on height: each data shard
+# holds 2 x 32 x 8 x 4 floats; the border strips of its 4 bands (2 halo rows
+# each, for a 3x3 kernel) are 2 x 4 x 2 x 8 x 4.
+IMAGE_PER_DATA_SHARD = 2 * 32 * 8 * 4
+STRIPS = 2 * 4 * 2 * 8 * 4
+
+
+def check_only_strips_are_gathered(found):
     gathers = [size for kind, size in found if kind == "AllGather"]
-    image_per_data_shard = 2 * 32 * 8 * 4
-    strips = 2 * 4 * 2 * 8 * 4
     # forward: one gather of both strips; backward: the shifted strip grads
-    assert gathers and gathers[0] == strips, found
-    assert max(gathers) <= strips < image_per_data_shard, found
-    assert sum(gathers) <= 2 * strips, found
+    assert gathers and gathers[0] == STRIPS, found
+    assert max(gathers) <= STRIPS < IMAGE_PER_DATA_SHARD, found
+    assert sum(gathers) <= 2 * STRIPS, found
     assert not [k for k, _ in found if k in ("AllToAll",)], found
+
+
+def test_halo_exchange_never_gathers_the_image(step_collectives):
+    """In DTensor's SPMD dump (forward + backward of one conv on a 2x4
+    mesh), every all-gather moves only the border strips: 512 floats at
+    most, not the 2048-float image each data shard holds."""
+    found = step_collectives["step"]
+    check_only_strips_are_gathered(found)
     reduces = sorted(size for kind, size in found if kind == "AllReduce")
     assert reduces == [4, 3 * 3 * 4 * 4], found  # bias and kernel gradients
+
+
+def test_bias_free_conv_then_batchnorm_never_gathers_the_image(step_collectives):
+    """The ResNet path: SpatialParallelConv2D(use_bias=False) followed by a
+    BatchNormalization training step. The output relayout whose gradient
+    _unblock routes around DTensor's RelayoutLike still moves only the
+    halo strips; everything else is per-channel."""
+    found = step_collectives["bn_step"]
+    check_only_strips_are_gathered(found)
+    reduces = sorted(size for kind, size in found if kind == "AllReduce")
+    # BatchNorm's mean and variance (synchronized over batch and bands),
+    # the per-channel sums of its backward (its beta and gamma gradients,
+    # which its input gradient reuses) and the kernel gradient.
+    assert reduces == [4, 4, 4, 4, 3 * 3 * 4 * 4], found
 
 
 # ------------------------------------------------------------------- errors

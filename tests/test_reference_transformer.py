@@ -69,5 +69,5 @@ def test_sharded_transformer_trains_like_plain_keras_with_adam(batches):
         got = sharded.train_on_batch(x[batch], y[batch])
         np.testing.assert_allclose(got, want, rtol=1e-5)
     for got, want in zip(sharded.get_weights(), plain.get_weights()):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert tfshard.layout_of(sharded.get_layer("token_embedding").embeddings) == ("model", None)

@@ -41,6 +41,12 @@ class TiedLogits(keras.layers.Layer):
 
 
 def build_transformer(cfg):
+    if cfg.get("moe_experts", 0) > 0:
+        # tfshard.bench.check_jax_reference_config refuses these configs first.
+        raise ValueError(
+            f"model.moe_experts={cfg['moe_experts']}: the JAX reference builds the dense "
+            "transformer only; set model.moe_experts=0 or drop --jax."
+        )
     tokens = keras.Input((cfg["seq_len"],), dtype="int32")
     embedding = keras.layers.Embedding(cfg["vocab"], cfg["d_model"], name="token_embedding")
     h = PositionEmbedding(cfg["seq_len"], name="position_embedding")(embedding(tokens))

@@ -104,7 +104,7 @@ def count_step_collectives(config, mesh_shape, *, stages=("expanded", "optimized
     (x, y), _ = jobs.load_data(config)
     model = jobs.build_model(config, strategy)
     batch = config["train"]["batch_size"]
-    with comm._dump_dir() as directory:
+    with comm.dump_dir() as directory:
         model.fit(x[:batch], y[:batch], batch_size=batch, epochs=1, verbose=0)
         out = {}
         for stage in stages:
@@ -165,18 +165,41 @@ def to_json(results):
     return encode(results)
 
 
+def check_jax_reference_config(config):
+    """Raise ``ConfigError`` unless the JAX reference builds the same model as
+    ``config``: it is the dense reference transformer (stock Keras layers
+    with a ``LayoutMap``), so a CNN or a mixture-of-experts config would be
+    compared with a different model."""
+    from tfshard.config import ConfigError
+
+    model = config["model"]
+    if model["kind"] != "transformer":
+        raise ConfigError(
+            f"bench --jax: model.kind={model['kind']!r}; the JAX reference exists for "
+            "the transformer only. Drop --jax, or bench a transformer config."
+        )
+    if model.get("moe_experts", 0) > 0:
+        raise ConfigError(
+            f"bench --jax: model.moe_experts={model['moe_experts']}; the JAX reference "
+            "builds the dense transformer only (Keras has no expert-parallel layer to "
+            "compare with), so it would time a different model. Drop --jax, or set "
+            "model.moe_experts=0 (--set model.moe_experts=0) to compare the dense model."
+        )
+
+
 def run_jax_reference(config, mesh_shape, *, steps, timeout=900):
     """Time the same model on Keras's JAX backend with ModelParallel, in a
-    child process. Returns ``None`` when JAX is not installed."""
+    child process. Returns ``None`` when JAX is not installed; raises
+    ``ConfigError`` for a config the reference cannot build (see
+    :func:`check_jax_reference_config`)."""
     import importlib.util
     import tempfile
 
     from tfshard import jobs
 
+    check_jax_reference_config(config)
     if importlib.util.find_spec("jax") is None:
         return None
-    if config["model"]["kind"] != "transformer":
-        raise ValueError("the JAX reference exists for the transformer only (model.kind).")
     script = os.path.join(os.path.dirname(__file__), "_jax_reference.py")
     (x, y), _ = jobs.load_data({**config, "train": {**config["train"], "steps": steps}})
     with tempfile.TemporaryDirectory(prefix="tfshard_bench_") as workdir:
@@ -203,6 +226,8 @@ def run_jax_reference(config, mesh_shape, *, steps, timeout=900):
 def bench(config, *, meshes=DEFAULT_MESHES, steps=None, rounds=2, collectives=True, jax=False,
           out=print):
     """Run the benchmark and print the table; returns the results dict."""
+    if jax:
+        check_jax_reference_config(config)  # before minutes of timing
     steps = steps or min(config["train"]["steps"], 20)
     steps = max(steps, 3)
     per_step = config["train"]["batch_size"] * (

@@ -73,6 +73,7 @@ __all__ = [
     "KINDS",
     "STAGES",
     "count_collectives",
+    "dump_dir",
     "dump_logging_enabled",
     "parse_dump_dir",
     "parse_module_text",
@@ -317,7 +318,20 @@ def dump_logging_enabled():
 
 
 @contextlib.contextmanager
-def _dump_dir():
+def dump_dir():
+    """Point DTensor's pass dumps at a fresh temporary directory for the
+    duration of the ``with`` block, and yield its path::
+
+        with tfshard.comm.dump_dir() as directory:
+            model.fit(x, y, batch_size=8, epochs=1)       # compiles the step
+            counts, n = tfshard.comm.parse_dump_dir(directory, program="run")
+
+    Use it to measure what :func:`count_collectives` cannot reach, such as
+    the train step ``fit`` compiles. The directory (and every dump in it) is
+    deleted when the block exits, and ``TF_DUMP_GRAPH_PREFIX`` is restored.
+    The files are only written in a process started with DTensor's pass
+    logging (see :func:`dump_logging_enabled`, :func:`run_in_subprocess`).
+    """
     with tempfile.TemporaryDirectory(prefix="tfshard_comm_") as directory:
         previous = os.environ.get("TF_DUMP_GRAPH_PREFIX")
         os.environ["TF_DUMP_GRAPH_PREFIX"] = directory
@@ -328,6 +342,9 @@ def _dump_dir():
                 os.environ.pop("TF_DUMP_GRAPH_PREFIX", None)
             else:
                 os.environ["TF_DUMP_GRAPH_PREFIX"] = previous
+
+
+_dump_dir = dump_dir  # the former private name, kept for existing callers
 
 
 def count_collectives(fn, *args, stage="expanded", **kwargs):
@@ -354,7 +371,7 @@ def count_collectives(fn, *args, stage="expanded", **kwargs):
             "tfshard.comm.run_in_subprocess(...)."
         )
     traced = tf.function(fn, autograph=False)
-    with _lock, _dump_dir() as directory:
+    with _lock, dump_dir() as directory:
         traced(*args, **kwargs)
         counts, programs = parse_dump_dir(directory, stage)
     if programs == 0:

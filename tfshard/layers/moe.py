@@ -56,6 +56,16 @@ expert). Activations are ``(batch, groups, S, M)``; the dispatched tokens are
 Backward mirrors it: two all-to-alls, the all-reduce of the expert input
 gradient over the ``d_ff`` axis, and (experts off the data axis) the
 all-gather of the input gradient in place of the forward's free slice.
+
+A training step adds the weight-gradient sums every data-parallel layer
+has: the router's over the axes that split the tokens, the expert kernels'
+over the data axis only when the experts are not on it (on it, each
+expert's tokens are all on its device). Reporting the loss (as ``fit``
+does) also all-reduces the load-balancing loss, a scalar mean over the
+routing groups, over the axes that split them. DTensor combines the
+gradient sums over the same axes into one launch, and the aux-loss means
+of all MoE layers into another (see ``tests/test_bench.py`` and
+``tfshard.report.estimate_collectives``).
 """
 
 from __future__ import annotations
