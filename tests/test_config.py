@@ -75,6 +75,25 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     assert "unknown key train.'stepz'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", [["bench", "--rounds", "0"], ["train", "--steps", "0"], ["bench", "--steps", "x"]])
+def test_cli_rejects_non_positive_counts(flag, capsys):
+    command, *rest = flag
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, os.path.join(CONFIGS, "transformer_2x4.yaml"), *rest])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {rest[0]}" in err and ("must be > 0" in err or "is not an int" in err)
+
+
+def test_cli_bench_refuses_jax_for_moe_before_timing(capsys):
+    code = cli.main(["bench", os.path.join(CONFIGS, "transformer_moe_2x4.yaml"), "--jax",
+                     "--meshes", "1x1", "--steps", "2"])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "model.moe_experts" in captured.err
+    assert "ms/step" not in captured.out  # nothing was timed
+
+
 def test_cli_trains_the_cnn_config(tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main(

@@ -391,6 +391,9 @@ def test_cli_launch_errors(capsys):
     assert cli.main(["launch", "--processes", "0", "--", "true"]) == 2
     assert "--processes=0" in capsys.readouterr().err
     assert cli.main(["launch", "--processes", "1", "--devices-per-process", "0", "--", "true"]) == 2
+    capsys.readouterr()
+    assert cli.main(["launch", "--processes", "1", "--timeout", "0", "--", "true"]) == 2
+    assert "--timeout=0.0 must be > 0" in capsys.readouterr().err
     with pytest.raises(MultiClientError, match="cannot run"):
         launch_lib.launch(["/nonexistent/program"], 2, stdout=io.StringIO(), stderr=io.StringIO())
 

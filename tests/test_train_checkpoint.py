@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tfshard import cli
+from tfshard import cli, jobs
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "transformer_2x4.yaml")
 # A small model whose heads, d_ff and vocab split over 4 or 8 devices.
@@ -135,9 +135,22 @@ def test_resume_refuses_a_config_that_changes_the_run(straight, stopped, tmp_pat
     assert "train.steps=2 is below step 3 of the latest checkpoint" in capsys.readouterr().err
     assert checkpoint_names(out) == ["ckpt-2", "ckpt-3"]  # untouched
 
+    # train.resume=false moves them aside first: a run that then fails (say,
+    # out of memory while building) loses nothing.
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("simulated")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jobs, "build_model", out_of_memory)
+        with pytest.raises(MemoryError):
+            train(out, 1, "train.resume=false")
+    replaced = out / "checkpoints.replaced"
+    assert sorted(n for n in os.listdir(replaced) if n.startswith("ckpt-")) == ["ckpt-2", "ckpt-3"]
+
     # train.resume=false starts afresh, replacing the old checkpoints.
     code, fresh = train(out, 1, "train.resume=false")
     assert code == 0
     assert fresh["start_step"] == 0 and fresh["train_steps"] == [1]
     np.testing.assert_allclose(fresh["train_loss"], straight["train_loss"][:1], rtol=1e-6)
     assert checkpoint_names(out) == ["ckpt-1"]
+    assert not replaced.exists()  # deleted once the new run saved its own

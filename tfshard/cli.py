@@ -15,6 +15,20 @@ import argparse
 import sys
 
 
+def _positive(kind):
+    """An argparse type: a number > 0 (``--rounds 0`` is an error, not 1)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an {kind.__name__}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="tfshard", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,11 +44,11 @@ def _parser():
         cmd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override a config key (repeatable), e.g. --set train.steps=50")
         if name in ("train", "bench"):
-            cmd.add_argument("--steps", type=int, help="shortcut for --set train.steps=N")
+            cmd.add_argument("--steps", type=_positive(int), help="shortcut for --set train.steps=N")
         if name == "bench":
             cmd.add_argument("--meshes", default="1x1,1x8,2x4,8x1",
                              help="DATAxMODEL mesh shapes to time (default: 1x1,1x8,2x4,8x1)")
-            cmd.add_argument("--rounds", type=int, default=2,
+            cmd.add_argument("--rounds", type=_positive(int), default=2,
                              help="interleaved timing rounds; the best of each run is shown")
             cmd.add_argument("--jax", action="store_true",
                              help="also time Keras's JAX backend with ModelParallel (needs jax)")
@@ -112,7 +126,11 @@ def main(argv=None):
     elif args.command == "inspect":
         jobs.inspect(config)
     else:
-        return _bench(args, config)
+        try:
+            return _bench(args, config)
+        except config_lib.ConfigError as err:  # e.g. --jax on a config JAX cannot mirror
+            print(f"tfshard: error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -121,7 +139,7 @@ def _bench(args, config):
 
     from tfshard import bench
 
-    results = bench.bench(config, meshes=args.meshes, steps=args.steps, rounds=max(1, args.rounds),
+    results = bench.bench(config, meshes=args.meshes, steps=args.steps, rounds=args.rounds,
                           collectives=not args.no_collectives, jax=args.jax)
     if args.json:
         with open(args.json, "w") as handle:

@@ -138,6 +138,12 @@ def checkpoint_dir(config):
     return os.path.join(config["output"]["dir"], CHECKPOINT_SUBDIR)
 
 
+def replaced_dir(config):
+    """Where ``train.resume=false`` keeps the replaced checkpoints until the
+    new run has saved its own."""
+    return checkpoint_dir(config).rstrip(os.sep) + ".replaced"
+
+
 def _config_value(config, dotted):
     value = config
     for part in dotted.split("."):
@@ -178,7 +184,7 @@ def _check_resume_config(config, saved, directory):
         raise config_lib.ConfigError(
             f"cannot resume from the checkpoints in {directory!r}: " + "; ".join(changed)
             + ". Use the values the checkpoints were trained with, or start afresh with "
-            "--set train.resume=false (deletes those checkpoints) or another output.dir. "
+            "--set train.resume=false (replaces those checkpoints) or another output.dir. "
             "The mesh, layout rules and train.steps may change on resume."
         )
 
@@ -196,8 +202,14 @@ def _resume_point(config):
     steps = config["train"]["steps"]
     latest = checkpoint.latest_checkpoint(directory)
     if latest is not None and not config["train"]["resume"]:
-        print(f"train.resume=false: deleting the checkpoints in {directory}")
-        shutil.rmtree(directory)
+        # Moved aside, not deleted: a run that fails before its own final
+        # checkpoint leaves the old ones in <dir>.replaced.
+        aside = replaced_dir(config)
+        print(f"train.resume=false: moving the checkpoints in {directory} to {aside} "
+              "(deleted once this run has saved its own)")
+        if os.path.exists(aside):
+            shutil.rmtree(aside)
+        os.replace(directory, aside)
         latest = None
     run_config = os.path.join(directory, RUN_CONFIG)
     if latest is None:
@@ -213,7 +225,7 @@ def _resume_point(config):
         raise config_lib.ConfigError(
             f"train.steps={steps} is below step {step} of the latest checkpoint {latest!r}. "
             f"Raise train.steps (e.g. --steps {2 * step}) to train on, or start afresh with "
-            "--set train.resume=false (deletes the checkpoints) or another output.dir."
+            "--set train.resume=false (replaces the checkpoints) or another output.dir."
         )
     return step, latest
 
@@ -318,6 +330,8 @@ def train(config, *, verbose=1):
             x, y, batch_size=batch, epochs=1, shuffle=False, verbose=verbose,
             callbacks=[saver, recorder],
         )
+        if multi_client.is_chief() and checkpoint.latest_checkpoint(directory) is not None:
+            shutil.rmtree(replaced_dir(config), ignore_errors=True)
     else:
         print(f"already at step {start_step} = train.steps; nothing to train "
               "(raise --steps to train on)")

@@ -218,7 +218,11 @@ def launch(command, processes, devices_per_process=None, *, device_type=None, gr
             f"--devices-per-process={devices_per_process!r} must be a positive integer."
         )
     if grace < 0:
-        raise MultiClientError(f"grace={grace!r} must be >= 0 seconds.")
+        raise MultiClientError(f"--grace={grace!r} must be >= 0 seconds.")
+    if timeout is not None and timeout <= 0:
+        raise MultiClientError(
+            f"--timeout={timeout!r} must be > 0 seconds; leave it out for no time limit."
+        )
     job = _Job(
         command, processes, devices_per_process, device_type, grace,
         stdout or sys.stdout, stderr or sys.stderr,
