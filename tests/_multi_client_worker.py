@@ -201,10 +201,27 @@ def main(argv):
             os.path.join(args.out, f"results-{me}.npz"),
             **{f"restored/{i}": value for i, value in enumerate(state(fresh))},
         )
+    elif args.mode == "late":
+        late_local_collective(tfshard, args, me)
     elif args.mode == "crash":
         crash(tfshard, keras, args, me)
     else:
         raise SystemExit(f"unknown mode {args.mode!r}")
+
+
+def late_local_collective(tfshard, args, me):
+    """Process 0 is done at once; process 1 then gathers a tensor split over
+    'model', whose devices are all its own (a collective within one process,
+    whose group process 0 still resolves)."""
+    import time
+
+    import numpy as np
+
+    strategy = strategy_2x4(tfshard)
+    x = strategy.place(np.arange(8.0, dtype="float32"), ("model",))
+    if me == 1:
+        time.sleep(3)
+        write(args.out, "late-1.json", tfshard.to_numpy(x).tolist())
 
 
 def crash(tfshard, keras, args, me):

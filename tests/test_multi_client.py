@@ -240,6 +240,14 @@ def test_cli_train_on_two_processes(tmp_path):
     assert [os.path.basename(p) for p in metrics["checkpoints"]] == ["ckpt-2"]
 
 
+def test_processes_wait_for_each_other_at_exit(tmp_path):
+    """Process 0 finishes first; process 1's later collective still works
+    (process 0 waits at the exit barrier instead of taking the collective
+    group service away)."""
+    run(launch_command("late", tmp_path))
+    assert json.load(open(tmp_path / "late-1.json")) == list(range(8))
+
+
 # ------------------------------------------------------------- failures
 def test_killed_worker_stops_the_job(tmp_path):
     out = tmp_path / "out"

@@ -28,11 +28,13 @@ What every process must do the same way
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
 import random
 import re
+import sys
 import weakref
 
 from tfshard import _dtensor
@@ -411,12 +413,43 @@ def initialize_multi_client(
         if seed is None:
             seed = int(broadcast("seed", lambda: str(random.SystemRandom().randrange(1, 2**31 - 1))))
         barrier("initialized")
+        _register_exit_barrier(shutdown_ms / 1000 if shutdown_ms else timeout)
     if seed is not None:
         import keras
 
         keras.utils.set_random_seed(seed)
         _CLUSTER = dataclasses.replace(spec, seed=seed)
     return _CLUSTER
+
+
+# ------------------------------------------------------------- exit
+_UNCAUGHT = []  # exception types this process is dying of, if any
+
+
+def _register_exit_barrier(timeout):
+    """At a normal exit, wait until every process exits. Process 0 hosts the
+    coordination service and resolves every collective group, even a
+    process-local one (an all-gather within one host's devices): if it left
+    first, the others' remaining collectives would fail ("Connection
+    refused"). A process dying of an uncaught exception skips the wait, so
+    it exits at once and ``tfshard launch`` stops the job."""
+    previous = sys.excepthook
+
+    def record(kind, value, traceback):
+        _UNCAUGHT.append(kind)
+        previous(kind, value, traceback)
+
+    sys.excepthook = record
+    atexit.register(_exit_barrier, timeout)
+
+
+def _exit_barrier(timeout):
+    if _UNCAUGHT:
+        return
+    try:
+        barrier("exit", timeout=timeout)
+    except ProcessLostError as err:
+        print(f"tfshard: at exit: {err}", file=sys.stderr)
 
 
 # ------------------------------------------------------------- queries
