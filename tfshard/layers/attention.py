@@ -184,7 +184,7 @@ class HeadParallelAttention(_HeadParallelMixin, keras.layers.MultiHeadAttention)
         training=None,
         use_causal_mask=False,
     ):
-        if self.sharding_strategy is None:
+        if self._computes_unsplit:
             return super().call(
                 query,
                 value,
@@ -294,7 +294,7 @@ class HeadParallelGroupedQueryAttention(
         training=None,
         use_causal_mask=False,
     ):
-        if self.sharding_strategy is None:
+        if self._computes_unsplit:
             return super().call(
                 query,
                 value,

@@ -204,7 +204,7 @@ class _ChannelParallelConvMixin(ShardedLayerMixin):
         return self._keep_batch(y, (None,) * rank + (axis if self.split == "output" else None,))
 
     def call(self, inputs):
-        if self.sharding_strategy is None:
+        if self._computes_unsplit:
             return super().call(inputs)
         self._check_sharded_call(inputs)
         outputs = self._sharded_conv(inputs, self.kernel)

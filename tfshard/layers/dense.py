@@ -40,7 +40,7 @@ class ColumnParallelDense(ShardedLayerMixin, keras.layers.Dense):
         return {"kernel": (None, self.logical_dim), "bias": (self.logical_dim,)}
 
     def call(self, inputs, training=None):
-        if self.sharding_strategy is None:
+        if self._computes_unsplit:
             return super().call(inputs, training=training)
         x = self._constrain(inputs, (None,))
         y = super().call(x, training=training)
@@ -83,7 +83,7 @@ class RowParallelDense(ShardedLayerMixin, keras.layers.Dense):
         return {"kernel": (self.logical_dim, None), "bias": (None,)}
 
     def call(self, inputs, training=None):
-        if self.sharding_strategy is None:
+        if self._computes_unsplit:
             return super().call(inputs, training=training)
         x = self._constrain(inputs, (self._mesh_axis(self.logical_dim),))
         # matmul contracts the sharded dim: partial sums, all-reduced by DTensor

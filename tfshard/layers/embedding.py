@@ -121,7 +121,7 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
 
     # ---------------------------------------------------------------- call
     def call(self, inputs):
-        if self.sharding_strategy is None:
+        if self._computes_unsplit:
             return super().call(inputs)
         if self.quantization_mode or self.lora_enabled:
             raise UnsupportedFeatureError(
@@ -160,7 +160,7 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
         Outside a strategy: ``ops.matmul(hidden, ops.transpose(table))``.
         """
         table = ops.cast(self.embeddings, hidden.dtype)
-        if self.sharding_strategy is None:
+        if self._computes_unsplit:
             return ops.matmul(hidden, ops.transpose(table))
         axis, _ = self._split()
         if self.shard_dim == "vocab":

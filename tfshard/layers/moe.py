@@ -401,7 +401,7 @@ class ExpertParallelMoE(ShardedLayerMixin, keras.layers.Layer):
 
     # ---------------------------------------------------------------- call
     def call(self, inputs):
-        if self.sharding_strategy is None:
+        if self._computes_unsplit:
             y, aux_loss = reference_moe(
                 inputs,
                 self.router_kernel,

@@ -62,7 +62,7 @@ class _HiddenShardedNorm(ShardedLayerMixin):
             )
 
     def _sharded_call(self, inputs, call):
-        if self.sharding_strategy is None:
+        if self._computes_unsplit:
             return call(inputs)
         rank = len(inputs.shape)
         if not self._normalizes_last_axis_only(rank):

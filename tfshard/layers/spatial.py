@@ -346,7 +346,7 @@ class SpatialParallelConv2D(_SpatialMixin, keras.layers.Conv2D):
         self._init_spatial(height_dim, width_dim)
 
     def call(self, inputs):
-        if self.sharding_strategy is None:
+        if self._computes_unsplit:
             return super().call(inputs)
         if self.groups != 1:
             raise ShardingError(f"{self._layer_name()}: groups={self.groups} is not supported on a mesh; use groups=1.")
@@ -375,7 +375,7 @@ class _SpatialPoolMixin(_SpatialMixin):
     _max = True
 
     def call(self, inputs):
-        if self.sharding_strategy is None:
+        if self._computes_unsplit:
             return super().call(inputs)
         ha, wa = self._spatial_axes()
         win, plans, _ = self._blocks(
