@@ -92,45 +92,34 @@ def main(argv=None):
     if args.command == "launch":
         return _launch(args)
     from tfshard import config as config_lib
+    from tfshard.checkpoint import CheckpointError
 
     overrides = list(args.set)
     if getattr(args, "steps", None) is not None:
         overrides.append(f"train.steps={args.steps}")
-    try:
-        config = config_lib.load(args.config, overrides)
-    except config_lib.ConfigError as err:
+    try:  # also config errors found later (a resume that cannot fit, --jax on a CNN...)
+        return _run(args, config_lib.load(args.config, overrides))
+    except (config_lib.ConfigError, CheckpointError) as err:
         print(f"tfshard: error: {err}", file=sys.stderr)
         return 2
 
+
+def _run(args, config):
     from tfshard import jobs
 
     devices_for = config
     if args.command == "bench":
         from tfshard import bench
 
-        try:
-            args.meshes = bench.parse_meshes(args.meshes)
-        except config_lib.ConfigError as err:
-            print(f"tfshard: error: {err}", file=sys.stderr)
-            return 2
+        args.meshes = bench.parse_meshes(args.meshes)
         devices_for = bench.with_mesh(config, max(args.meshes, key=lambda m: m[0] * m[1]))
     jobs.prepare_devices(devices_for)  # before TensorFlow starts
     if args.command == "train":
-        from tfshard.checkpoint import CheckpointError
-
-        try:
-            jobs.train(config)
-        except (config_lib.ConfigError, CheckpointError) as err:  # e.g. a resume that cannot fit
-            print(f"tfshard: error: {err}", file=sys.stderr)
-            return 2
+        jobs.train(config)
     elif args.command == "inspect":
         jobs.inspect(config)
     else:
-        try:
-            return _bench(args, config)
-        except config_lib.ConfigError as err:  # e.g. --jax on a config JAX cannot mirror
-            print(f"tfshard: error: {err}", file=sys.stderr)
-            return 2
+        return _bench(args, config)
     return 0
 
 

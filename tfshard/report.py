@@ -80,16 +80,27 @@ def per_device_bytes(variables):
 
 
 def _config_rules(config):
-    """The config's layout rules completed the way ``jobs.build_strategy``
+    """The config's layout rules completed as ``jobs.build_strategy``
     completes them (``data_parallel("batch").tensor_parallel("model")``)."""
-    from tfshard.layout import LogicalRules
-    from tfshard.strategy import TENSOR_PARALLEL_DIMS
+    from tfshard.strategy import completed_rules
 
-    rules = LogicalRules((config.get("layout") or {}).get("rules") or {})
-    rules.set_default("batch", "batch")
-    for dim in TENSOR_PARALLEL_DIMS:
-        rules.set_default(dim, "model")
-    return rules
+    return completed_rules((config.get("layout") or {}).get("rules") or {}, "batch", "model")
+
+
+def _splitting(axis, sizes):
+    """``axis`` when it is on the mesh with more than one device, else None."""
+    return axis if axis is not None and sizes.get(axis, 1) > 1 else None
+
+
+def _moe_axes(rules, sizes):
+    """``(expert axis, d_ff axis)`` of the MoE expert kernels, each None when
+    it splits nothing."""
+    spec = rules.spec_for(("experts", None, "d_ff"))  # the expert_in kernel's
+    return _splitting(spec[0], sizes), _splitting(spec[2], sizes)
+
+
+def _axis_text(axis):
+    return "+".join(axis) if isinstance(axis, tuple) else axis
 
 
 def _moe_blocks(m):
@@ -108,9 +119,6 @@ def _estimate_rows(config):
     sizes = {"batch": mesh["batch"], "model": mesh["model"]}
     dp = sizes["batch"]
 
-    def split(axis):  # the axis, when it is on the mesh and splits something
-        return axis if axis is not None and sizes.get(axis, 1) > 1 else None
-
     rows = []
     if m["kind"] == "transformer":
         rules = _config_rules(config)
@@ -120,11 +128,11 @@ def _estimate_rows(config):
         moe = _moe_blocks(m)
         layers = m["layers"]
         dense = layers - len(moe)
-        heads, vocab = split(rules.axis_for("heads")), split(rules.axis_for("vocab"))
+        heads, vocab = (_splitting(rules.axis_for(d), sizes) for d in ("heads", "vocab"))
         if heads:
             rows.append(("all_reduce", heads, 2 * layers, act,
                          f"attention output fwd, QKV input grad bwd (2 per block x {layers})"))
-        d_ff = split(rules.axis_for("d_ff"))
+        d_ff = _splitting(rules.axis_for("d_ff"), sizes)
         if d_ff and dense:
             rows.append(("all_reduce", d_ff, 2 * dense, act,
                          f"FFN output fwd, FFN input grad bwd (2 per dense block x {dense})"))
@@ -151,8 +159,7 @@ def _moe_rows(m, rules, sizes, local_batch, act, blocks):
     experts = m["moe_experts"]
     group = m.get("moe_group_size") or m["seq_len"]
     capacity = expert_capacity(group, experts, m["moe_top_k"], m["moe_capacity_factor"])
-    spec = rules.spec_for(("experts", None, "d_ff"))  # the expert_in kernel's
-    expert_axis, ff_axis = (a if a is not None and sizes.get(a, 1) > 1 else None for a in (spec[0], spec[2]))
+    expert_axis, ff_axis = _moe_axes(rules, sizes)
     group_axis = expert_axis if expert_axis not in (None, "batch") else None
     # The dispatched tokens (E, batch, groups, C, d_model), per device: split
     # by the data axis, and by the expert axis when that is another one.
@@ -186,10 +193,14 @@ def estimate_collectives(config):
     all-reduce on CPU and GPU). For a CNN only the data axis is modelled.
     With the experts of a mixture of experts on a non-data axis, DTensor
     launches more than this (see :func:`communication_estimate`)."""
+    return _counts(_estimate_rows(config))
+
+
+def _counts(rows):
     from tfshard.comm import CollectiveCounts
 
     counts = CollectiveCounts()
-    for kind, axis, n, _, _ in _estimate_rows(config):
+    for kind, axis, n, _, _ in rows:
         counts[(kind, axis)] += n
     return counts
 
@@ -220,22 +231,19 @@ def communication_estimate(config):
     if config["model"]["kind"] != "transformer" and tp > 1:
         lines.append("  tensor axis 'model': see the layer table (channel split)")
     for kind, axis, n, size, what in rows:
-        axis_text = "+".join(axis) if isinstance(axis, tuple) else axis
         noun = kind.replace("_", "-") + ("s" if n != 1 else "")
         size_text = f" of {_fmt_bytes(size)}" if size is not None else ""
-        lines.append(f"  {axis_text!r}: {n} {noun}{size_text}: {what}")
-    counts = estimate_collectives(config)
+        lines.append(f"  {_axis_text(axis)!r}: {n} {noun}{size_text}: {what}")
     if rows:
         total = ", ".join(
-            f"{n} {kind.replace('_', '-')}[{'+'.join(axis) if isinstance(axis, tuple) else axis}]"
-            for (kind, axis), n in sorted(counts.items(), key=str)
+            f"{n} {kind.replace('_', '-')}[{_axis_text(axis)}]"
+            for (kind, axis), n in sorted(_counts(rows).items(), key=str)
         )
         lines.append(f"  total launched: {total}")
     moe_axis = None
     if _moe_blocks(config["model"]):
-        spec = _config_rules(config).spec_for(("experts", None, "d_ff"))
-        moe_axis = spec[0] if spec[0] not in (None, "batch") and mesh.get(spec[0], 1) > 1 else None
-    if moe_axis:
+        moe_axis, _ = _moe_axes(_config_rules(config), mesh)
+    if moe_axis not in (None, "batch"):
         lines.append(
             f"  note: with the experts on {moe_axis!r} rather than the data axis, DTensor also "
             f"splits neighbouring gradients by sequence over {moe_axis!r} and gathers them; "

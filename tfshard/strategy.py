@@ -65,6 +65,20 @@ def set_keras_distribution_resolver(resolver):
     _keras_distribution_resolver = resolver
 
 
+def completed_rules(rules, data_axis=None, tensor_axis=None):
+    """``rules`` (a mapping or Mesh-TF string) completed as
+    ``data_parallel(data_axis).tensor_parallel(tensor_axis)`` completes them:
+    ``batch`` to the data axis and :data:`TENSOR_PARALLEL_DIMS` to the
+    tensor axis, unless a rule says otherwise."""
+    rules = LogicalRules(rules)
+    if data_axis is not None:
+        rules.set_default("batch", data_axis)
+    if tensor_axis is not None:
+        for dim in TENSOR_PARALLEL_DIMS:
+            rules.set_default(dim, tensor_axis)
+    return rules
+
+
 def current_strategy():
     """The innermost active strategy, or ``None`` outside every scope.
 
@@ -469,12 +483,7 @@ class StrategyBuilder:
                 f"data_parallel and tensor_parallel both use mesh axis "
                 f"{self._data_axis!r}; give each its own axis."
             )
-        rules = LogicalRules(self._rules)
-        if self._data_axis is not None:
-            rules.set_default("batch", self._data_axis)
-        if self._tensor_axis is not None:
-            for dim in TENSOR_PARALLEL_DIMS:
-                rules.set_default(dim, self._tensor_axis)
+        rules = completed_rules(self._rules, self._data_axis, self._tensor_axis)
         rules.check_axes(self._mesh)
         return Strategy(
             self._mesh, self._data_axis, self._tensor_axis, rules, self._paths.copy(),
