@@ -28,6 +28,7 @@ from tfshard.strategy import (  # noqa: E402
     current_strategy,
     install as _install_hooks,
 )
+from tfshard import _ops  # noqa: E402
 from tfshard.tensors import layout_of, local_shape, to_numpy  # noqa: E402
 from tfshard import layers  # noqa: E402
 from tfshard import losses  # noqa: E402
@@ -49,6 +50,7 @@ from tfshard import interop  # noqa: E402
 from tfshard.interop import enable_keras_distribution  # noqa: E402
 
 _install_hooks()
+_ops.install()
 _training.install()
 enable_keras_distribution()  # keras.distribution acts on TensorFlow through tfshard
 

@@ -22,6 +22,7 @@ Hooks (all reversible by :func:`uninstall_hooks`, used in tests):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -147,13 +148,16 @@ class _Hooks:
     to_numpy = None  # (tf_variable) -> np.ndarray | None
     layer_created = None  # (layer) -> None
     entry_call = None  # (layer, call, args, kwargs) -> outputs | NotImplemented
-    gathered_op = None  # (op, inputs, args, kwargs) -> op output on replicated weights
     pin_gradients = None  # (grads, variables) -> grads laid out like their variables
     make_step_function = None  # (model, kind, original, force) -> fn | NotImplemented
     read_variable = None  # (keras_variable, tensor) -> the tensor laid out for the op reading it
-    take = None  # (original, x, indices, axis) -> lookup result | NotImplemented
     layer_output = None  # (layer, outputs) -> outputs, constrained by "<layer path>/output" rules
     run_trainer_method = None  # (model, name, original, args, kwargs) -> result | NotImplemented
+    call_scope = None  # (layer) -> context manager around the layer's call, or None
+
+    def __init__(self):
+        # (module, name) in BACKEND_OPS -> replacement(original, *args, **kwargs)
+        self.backend_ops = {}
 
 
 hooks = _Hooks()
@@ -219,14 +223,16 @@ def install_hooks():
     def call(original):
         @functools.wraps(original)
         def __call__(self, *args, **kwargs):
-            if hooks.entry_call is not None:
-                out = hooks.entry_call(self, original, args, kwargs)
-                if out is not NotImplemented:
-                    return out
-            out = original(self, *args, **kwargs)
-            if hooks.layer_output is not None:
-                out = hooks.layer_output(self, out)
-            return out
+            scope = hooks.call_scope(self) if hooks.call_scope is not None else None
+            with scope if scope is not None else contextlib.nullcontext():
+                if hooks.entry_call is not None:
+                    out = hooks.entry_call(self, original, args, kwargs)
+                    if out is not NotImplemented:
+                        return out
+                out = original(self, *args, **kwargs)
+                if hooks.layer_output is not None:
+                    out = hooks.layer_output(self, out)
+                return out
 
         return __call__
 
@@ -307,45 +313,76 @@ def install_trainer_hooks():
         _patch(TensorFlowTrainer, name, run(name))
 
 
-# Backend ops whose DTensor expansion needs replicated weights ("Filter for
-# convolution must have fully replicated layout"). Sharded weights passed to
-# them are all-gathered first: they stay sharded at rest (parameters and
-# optimizer slots), and their gradients are reduce-scattered back.
-GATHERED_WEIGHT_OPS = ("conv", "depthwise_conv", "separable_conv", "conv_transpose")
+# Keras TensorFlow-backend functions that tfshard may replace: (backend
+# module, function name). Keras's op layer (``keras.ops``), its layers and
+# keras-hub reach the backend through these module attributes, looked up at
+# call time, so one wrapper per entry covers every caller. A wrapper calls
+# the replacement registered in ``hooks.backend_ops[(module, name)]`` as
+# ``replacement(original, *args, **kwargs)``; the replacement decides, per
+# call, whether the op runs on a mesh and otherwise calls ``original``.
+BACKEND_OPS = (
+    # whole weights and whole feature dims ("Filter for convolution must have
+    # fully replicated layout")
+    ("nn", "conv"),
+    ("nn", "depthwise_conv"),
+    ("nn", "separable_conv"),
+    ("nn", "conv_transpose"),
+    # a table split by rows: a masked local lookup (no gather of the table)
+    ("numpy", "take"),
+    # per-channel ops DTensor expands only for batch-split or replicated input
+    ("nn", "max_pool"),
+    ("nn", "average_pool"),
+    # OneHot cannot expand an output split on a dim it inherits
+    ("nn", "one_hot"),
+    # TopKV2's gradient scatters global indices into a local shard
+    ("math", "top_k"),
+    # random draws: one-device numbers under any layout
+    ("random", "normal"),
+    ("random", "uniform"),
+    ("random", "truncated_normal"),
+    ("random", "randint"),
+    ("random", "categorical"),
+    ("random", "dropout"),
+    ("random", "shuffle"),
+    ("random", "gamma"),
+    ("random", "binomial"),
+    ("random", "beta"),
+)
+
+
+def _backend_module(name):
+    import importlib
+
+    return importlib.import_module(f"keras.src.backend.tensorflow.{name}")
 
 
 def install_op_hooks():
-    from keras.src.backend.tensorflow import nn as tf_nn
+    for module_name, name in BACKEND_OPS:
+        module = _backend_module(module_name)
+        if (module, name) in _originals:
+            continue
 
-    if (tf_nn, "conv") in _originals:
-        return
+        def wrap(original, key=(module_name, name)):
+            @functools.wraps(original)
+            def op(*args, **kwargs):
+                replacement = hooks.backend_ops.get(key)
+                if replacement is None:
+                    return original(*args, **kwargs)
+                return replacement(original, *args, **kwargs)
 
-    def gather_weights(original):
-        @functools.wraps(original)
-        def op(inputs, *args, **kwargs):
-            if hooks.gathered_op is None:
-                return original(inputs, *args, **kwargs)
-            return hooks.gathered_op(original, inputs, args, kwargs)
+            return op
 
-        return op
+        _patch(module, name, wrap)
 
-    for name in GATHERED_WEIGHT_OPS:
-        _patch(tf_nn, name, gather_weights)
 
-    from keras.src.backend.tensorflow import numpy as tf_numpy
+def draw_random_seed(seed):
+    """The int32 seed pair Keras's TensorFlow random ops pass to
+    ``tf.random.stateless_*`` for ``seed`` (an int, a SeedGenerator or a
+    tensor), advancing a SeedGenerator exactly as Keras does."""
+    from keras.src.backend.tensorflow import random as tf_random
+    from keras.src.random.seed_generator import draw_seed
 
-    def take(original):
-        @functools.wraps(original)
-        def _take(x, indices, axis=None):
-            if hooks.take is not None:
-                out = hooks.take(original, x, indices, axis)
-                if out is not NotImplemented:
-                    return out
-            return original(x, indices, axis=axis)
-
-        return _take
-
-    _patch(tf_numpy, "take", take)
+    return tf_random._cast_seed(draw_seed(seed))
 
 
 _distribution_backend_originals = {}

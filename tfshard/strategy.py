@@ -45,6 +45,7 @@ TENSOR_PARALLEL_DIMS = ("heads", "kv_heads", "d_ff", "vocab", "channels", "exper
 _local = threading.local()
 _pending_logical_axes = contextvars.ContextVar("tfshard_logical_axes", default=None)
 _pending_logical_map = contextvars.ContextVar("tfshard_logical_map", default=())
+_computing_on = contextvars.ContextVar("tfshard_computing_on", default=None)
 
 
 def _stack():
@@ -94,6 +95,45 @@ def current_strategy():
 
 
 @contextlib.contextmanager
+def computing_on(strategy):
+    """Code run or traced in this block computes on ``strategy``'s mesh
+    (set around every call of a layer created under a strategy)."""
+    token = _computing_on.set(strategy)
+    try:
+        yield strategy
+    finally:
+        _computing_on.reset(token)
+
+
+def _in_dataset_function():
+    # tf.data traces its functions (map, filter, ...) into graphs named
+    # "Dataset_<transformation>_<fn>"; they never run on a mesh, even when
+    # traced inside a strategy scope (augmentation layers in an input
+    # pipeline).
+    graph = tf.compat.v1.get_default_graph()
+    while graph is not None:
+        if str(getattr(graph, "name", "") or "").startswith("Dataset_"):
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+def mesh_computation():
+    """The strategy whose mesh the code now being run or traced computes on,
+    or None for plain computation: inside a sharded layer's call, a tfshard
+    step function or an explicit ``strategy.scope()``, and never inside a
+    tf.data function. (Eager code must also check that its inputs are on
+    the mesh.)"""
+    strategy = _computing_on.get()
+    if strategy is None:
+        stack = _stack()
+        strategy = stack[-1] if stack else None
+    if strategy is None or (not tf.executing_eagerly() and _in_dataset_function()):
+        return None
+    return strategy
+
+
+@contextlib.contextmanager
 def declare_logical_axes(logical_axes):
     """Tell the variable created inside this block its logical dimensions."""
     token = _pending_logical_axes.set(
@@ -133,8 +173,9 @@ class Strategy:
     """A mesh plus layout rules. Build it with :class:`StrategyBuilder`."""
 
     def __init__(self, mesh, data_axis, tensor_axis, logical_rules, path_rules,
-                 optimizer_state_axis=None, output_rules=None):
+                 optimizer_state_axis=None, output_rules=None, random_streams="global"):
         self._mesh = mesh
+        self._random_streams = random_streams
         self._output_rules = output_rules if output_rules is not None else PathRules()
         self._optimizer_state_axis = optimizer_state_axis
         self._data_axis = data_axis
@@ -165,6 +206,13 @@ class Strategy:
     @property
     def tensor_parallel_size(self) -> int:
         return self._mesh.axis_size(self._tensor_axis) if self._tensor_axis else 1
+
+    @property
+    def random_streams(self) -> str:
+        """``"global"``: random ops draw what one device draws (see
+        :meth:`StrategyBuilder.random_streams`); ``"per_device"``: DTensor's
+        own per-device streams."""
+        return self._random_streams
 
     @property
     def logical_rules(self) -> LogicalRules:
@@ -400,6 +448,7 @@ class StrategyBuilder:
         self._rules = LogicalRules()
         self._paths = PathRules()
         self._outputs = PathRules()
+        self._random_streams = "global"
 
     def _check_axis(self, method, axis):
         if axis not in self._mesh.axis_names:
@@ -430,6 +479,28 @@ class StrategyBuilder:
         """
         self._check_axis("shard_optimizer_state", axis)
         self._optimizer_state_axis = axis
+        return self
+
+    RANDOM_STREAMS = ("global", "per_device")
+
+    def random_streams(self, mode):
+        """How random ops (``keras.random.*``, ``Dropout``, noise and
+        augmentation layers) draw under a split layout.
+
+        ``"global"`` (the default): the same seed gives exactly the numbers
+        one device gives. Each draw is computed at its global shape on every
+        device, which keeps its own slice (no communication; the compute
+        and a transient buffer are the whole draw's, see ``tfshard bench``).
+        ``"per_device"``: DTensor's own streams, one per device (the seed
+        mixed with the device's mesh coordinates): each device draws only its
+        slice, and the numbers differ from one device's.
+        """
+        if mode not in self.RANDOM_STREAMS:
+            raise StrategyError(
+                f"random_streams({mode!r}): use one of {list(self.RANDOM_STREAMS)}; "
+                '"global" draws what one device draws, "per_device" draws per device.'
+            )
+        self._random_streams = mode
         return self
 
     def rules(self, rules):
@@ -489,6 +560,7 @@ class StrategyBuilder:
             self._mesh, self._data_axis, self._tensor_axis, rules, self._paths.copy(),
             optimizer_state_axis=self._optimizer_state_axis,
             output_rules=self._outputs.copy(),
+            random_streams=self._random_streams,
         )
 
 
@@ -557,7 +629,7 @@ def _layer_created(layer):
     object.__setattr__(layer, "build", build_in_scope)
 
 
-def _gathered_op(op, inputs, args, kwargs):
+def _gathered_op(op, inputs, *args, **kwargs):
     """Run a backend op whose DTensor expansion needs whole weights and whole
     feature dimensions (convolutions: "Filter for convolution must have
     fully replicated layout", "Conv input's channel dimension must be
@@ -624,7 +696,7 @@ def _read_variable(kvar, value):
     return layout.strategy.place(value, compute)
 
 
-def _take(original, x, indices, axis):
+def _take(original, x, indices, axis=None):
     """``ops.take(table, ids, axis=0)`` (``keras.layers.Embedding`` and
     keras-hub's ``ReversibleEmbedding`` lookups) on a table whose rows are
     split over a mesh axis.
@@ -639,17 +711,19 @@ def _take(original, x, indices, axis):
     Adam squares each slice) match the unsharded model exactly.
     """
     layout = _keras.variable_layout(x) if isinstance(x, keras.Variable) else None
-    if not isinstance(layout, VariableLayout) or axis != 0 or len(layout.spec) != 2:
-        return NotImplemented
-    if isinstance(indices, (tf.SparseTensor, tf.RaggedTensor)):
-        return NotImplemented
-    if not tf.as_dtype(x.dtype).is_floating:
-        return NotImplemented  # quantized tables: no gradient, DTensor's gather
+    if (
+        not isinstance(layout, VariableLayout)
+        or axis != 0
+        or len(layout.spec) != 2
+        or isinstance(indices, (tf.SparseTensor, tf.RaggedTensor))
+        or not tf.as_dtype(x.dtype).is_floating  # quantized tables: no gradient, DTensor's gather
+    ):
+        return original(x, indices, axis=axis)
     strategy = layout.strategy
     compute = strategy.compute_spec(layout.spec)
     split_axis = compute[0]
     if split_axis is None:
-        return NotImplemented
+        return original(x, indices, axis=axis)
     vocab, dim = (int(d) for d in x.shape)
     size = strategy.mesh.axis_size(split_axis)
     rows = vocab // size
@@ -712,6 +786,15 @@ def _constrain_outputs(strategy, path, outputs):
     if strategy.output_rules.match_rule(path, what="Layer output") is None:
         return outputs
     return tree.map_structure(one, outputs)
+
+
+def _call_scope(layer):
+    # Only the strategy recorded at creation: cheap enough for every call of
+    # every layer (plain Keras layers have none).
+    strategy = layer.__dict__.get("_tfshard_strategy")
+    if strategy is None or _computing_on.get() is strategy:
+        return None
+    return computing_on(strategy)
 
 
 def _is_plain_array(x):
@@ -783,10 +866,12 @@ def install():
     _keras.hooks.to_numpy = _variable_to_numpy
     _keras.hooks.layer_created = _layer_created
     _keras.hooks.entry_call = _entry_call
-    _keras.hooks.gathered_op = _gathered_op
     _keras.hooks.pin_gradients = _pin_gradients
     _keras.hooks.read_variable = _read_variable
-    _keras.hooks.take = _take
+    for name in ("conv", "depthwise_conv", "separable_conv", "conv_transpose"):
+        _keras.hooks.backend_ops[("nn", name)] = _gathered_op
+    _keras.hooks.backend_ops[("numpy", "take")] = _take
     _keras.hooks.layer_output = _layer_output
+    _keras.hooks.call_scope = _call_scope
     _keras.install_hooks()
     _keras.install_op_hooks()
