@@ -9,6 +9,8 @@ variables to their DVariables with ``tfshard._keras.backend_variable``.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
 from tensorflow.experimental import dtensor
@@ -149,6 +151,16 @@ def copy_to_mesh(tensor, layout):
     if layout.is_fully_replicated():
         return out
     return dtensor.relayout(out, layout)
+
+
+def expand_replicated(op_types):
+    """Let DTensor expand TensorFlow ops that have no SPMD expander (e.g.
+    ``StatelessMultinomial``) as replicated ops: each device runs the whole
+    op. Callers must give such ops replicated inputs. DTensor reads one
+    environment variable per op type when it compiles a function
+    (``dtensor_utils.cc``: EnableReplicatedSpmdAsDefault)."""
+    for op_type in op_types:
+        os.environ[f"DTENSOR_ENABLE_REPLICATED_SPMD_AS_DEFAULT_TF.{op_type.upper()}"] = "1"
 
 
 def relayout(tensor, layout):

@@ -271,9 +271,13 @@ RANDOM_DRAWS = (
     "normal", "uniform", "truncated_normal", "randint", "categorical", "shuffle",
     "gamma", "binomial", "beta",
 )
+# TensorFlow ops without a DTensor SPMD expander that the replacements above
+# run on replicated inputs only (categorical, gamma/beta, binomial draws).
+REPLICATED_OP_TYPES = ("StatelessMultinomial", "StatelessRandomGammaV3", "StatelessRandomBinomial")
 
 
 def install():
+    _dtensor.expand_replicated(REPLICATED_OP_TYPES)
     ops = _keras.hooks.backend_ops
     for name in RANDOM_DRAWS:
         ops[("random", name)] = random_draw
