@@ -1,29 +1,23 @@
 """The only module that touches ``keras.src`` internals.
 
-It checks the Keras version once, and installs a few small hooks into the
-Keras 3 TensorFlow backend. Each hook is inert unless tfshard put a variable
-or layer on a mesh, so plain Keras code behaves exactly as before.
-
-Hooks (all reversible by :func:`uninstall_hooks`, used in tests):
-
-* ``Variable._initialize``: a variable whose layout is a tfshard layout, or
-  that is created inside ``Strategy.scope()``, is created as a DTensor
-  ``DVariable`` from the *global* initial value (so it equals the unsharded
-  initializer's value for the same seed). Keras optimizers pass a reference
-  variable's ``_layout`` to their slots, so slots inherit the layout.
-* ``Variable.numpy`` / ``__array__``: global values out, so ``get_weights``
-  works (writes of global values are handled by the DVariable subclass in
-  ``tfshard._dtensor``).
-* ``Layer.__new__``: a layer constructed inside a strategy scope remembers
-  the strategy and builds inside it, even when Keras builds it lazily.
-* ``Layer.__call__``: the outermost eager call of a sharded layer or model
-  on plain inputs places them on the mesh, and returns plain tensors.
+It checks the Keras version once, gives the rest of tfshard accessors for
+the Keras internals it reads (``variable_layout``, ``layer_path``, ...), and
+holds every change ``import tfshard`` makes to Keras as rows of a patch
+table (:data:`CORE_PATCHES`, :data:`TRAINER_PATCHES`,
+:data:`BACKEND_OP_PATCHES`, and the distribution backend functions
+``tfshard.interop`` supplies). :func:`install` applies them,
+:func:`uninstall` restores Keras exactly and :func:`describe_patches` lists
+them (``python -c "import tfshard, tfshard._keras as k;
+print(k.describe_patches())"``). Every wrapper calls a hook that higher
+layers register in :data:`hooks` and is inert for plain Keras code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import importlib
 import os
 import sys
 
@@ -161,218 +155,284 @@ class _Hooks:
 
 
 hooks = _Hooks()
-_originals = {}
 
 
-def _patch(owner, name, make):
-    raw = owner.__dict__.get(name)
-    _originals[(owner, name)] = raw  # None: inherited, delete to restore
-    if raw is None:
-        setattr(owner, name, make(getattr(owner, name)))
-    elif isinstance(raw, staticmethod):
-        setattr(owner, name, staticmethod(make(raw.__func__)))
-    else:
-        setattr(owner, name, make(raw))
+# ------------------------------------------------------------ the patches
+# Every change ``import tfshard`` makes to Keras is one row of a table:
+# (owner, attribute, wrapper factory, what it does). ``install`` applies a
+# table, ``uninstall`` restores every original object exactly, and
+# ``describe_patches`` documents them. Each wrapper is inert (calls the
+# original) unless a hook says otherwise, so plain Keras code behaves as
+# before.
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    owner: str  # "module" or "module:Class"
+    attribute: str
+    make: object  # original -> replacement
+    purpose: str
+
+    def resolve_owner(self):
+        module_name, _, class_name = self.owner.partition(":")
+        owner = importlib.import_module(module_name)
+        return getattr(owner, class_name) if class_name else owner
 
 
-def install_hooks():
-    if _originals:
-        return
+def _initialize(original):
+    @functools.wraps(original)
+    def _initialize(self, value):
+        if hooks.make_variable is not None and not isinstance(value, _tf_core.tf.Variable):
+            made = hooks.make_variable(self, value)
+            if made is not None:
+                value = made
+        return original(self, value)
 
-    def initialize(original):
-        @functools.wraps(original)
-        def _initialize(self, value):
-            if hooks.make_variable is not None and not isinstance(
-                value, _tf_core.tf.Variable
-            ):
-                made = hooks.make_variable(self, value)
-                if made is not None:
-                    value = made
-            return original(self, value)
+    return _initialize
 
-        return _initialize
 
-    def numpy(original):
-        @functools.wraps(original)
-        def _numpy(self):
-            out = hooks.to_numpy(self._value) if hooks.to_numpy else None
-            return original(self) if out is None else out
+def _numpy(original):
+    @functools.wraps(original)
+    def numpy(self):
+        out = hooks.to_numpy(self._value) if hooks.to_numpy else None
+        return original(self) if out is None else out
 
-        return _numpy
+    return numpy
 
-    def array(original):
-        @functools.wraps(original)
-        def __array__(self, dtype=None, copy=None):
-            out = hooks.to_numpy(self._value) if hooks.to_numpy else None
-            if out is None:
-                return original(self, dtype)
-            return out if dtype is None else out.astype(dtype)
 
-        return __array__
+def _array(original):
+    @functools.wraps(original)
+    def __array__(self, dtype=None, copy=None):
+        out = hooks.to_numpy(self._value) if hooks.to_numpy else None
+        if out is None:
+            return original(self, dtype)
+        return out if dtype is None else out.astype(dtype)
 
-    def new(original):
-        @functools.wraps(original)
-        def __new__(cls, *args, **kwargs):
-            obj = original(cls, *args, **kwargs)
-            if hooks.layer_created is not None:
-                hooks.layer_created(obj)
-            return obj
+    return __array__
 
-        return __new__
 
-    def call(original):
-        @functools.wraps(original)
-        def __call__(self, *args, **kwargs):
-            scope = hooks.call_scope(self) if hooks.call_scope is not None else None
-            with scope if scope is not None else contextlib.nullcontext():
-                if hooks.entry_call is not None:
-                    out = hooks.entry_call(self, original, args, kwargs)
-                    if out is not NotImplemented:
-                        return out
-                out = original(self, *args, **kwargs)
-                if hooks.layer_output is not None:
-                    out = hooks.layer_output(self, out)
-                return out
+def _tf_tensor(original):
+    @functools.wraps(original)
+    def __tf_tensor__(self, dtype=None, name=None):
+        out = original(self, dtype=dtype, name=name)
+        if hooks.read_variable is not None:
+            out = hooks.read_variable(self, out)
+        return out
 
-        return __call__
+    return __tf_tensor__
 
-    def tf_tensor(original):
-        @functools.wraps(original)
-        def __tf_tensor__(self, dtype=None, name=None):
-            out = original(self, dtype=dtype, name=name)
-            if hooks.read_variable is not None:
-                out = hooks.read_variable(self, out)
+
+def _new(original):
+    @functools.wraps(original)
+    def __new__(cls, *args, **kwargs):
+        obj = original(cls, *args, **kwargs)
+        if hooks.layer_created is not None:
+            hooks.layer_created(obj)
+        return obj
+
+    return __new__
+
+
+def _call(original):
+    @functools.wraps(original)
+    def __call__(self, *args, **kwargs):
+        scope = hooks.call_scope(self) if hooks.call_scope is not None else None
+        with scope if scope is not None else contextlib.nullcontext():
+            if hooks.entry_call is not None:
+                out = hooks.entry_call(self, original, args, kwargs)
+                if out is not NotImplemented:
+                    return out
+            out = original(self, *args, **kwargs)
+            if hooks.layer_output is not None:
+                out = hooks.layer_output(self, out)
             return out
 
-        return __tf_tensor__
-
-    _patch(Variable, "_initialize", initialize)
-    _patch(Variable, "numpy", numpy)
-    _patch(Variable, "__array__", array)
-    _patch(Layer, "__new__", new)
-    _patch(Layer, "__call__", call)
-    _patch(Variable, "__tf_tensor__", tf_tensor)
+    return __call__
 
 
-def install_trainer_hooks():
-    """Route fit/evaluate/predict of sharded models through tfshard.training."""
-    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
-
-    if (TensorFlowTrainer, "fit") in _originals:
-        return
-
-    def make_function(kind):
-        def wrap(original):
-            @functools.wraps(original)
-            def make(self, force=False):
-                if hooks.make_step_function is not None:
-                    out = hooks.make_step_function(self, kind, original, force)
-                    if out is not NotImplemented:
-                        return out
-                return original(self, force=force)
-
-            return make
-
-        return wrap
-
-    def run(name):
-        def wrap(original):
-            @functools.wraps(original)
-            def method(self, *args, **kwargs):
-                if hooks.run_trainer_method is not None:
-                    out = hooks.run_trainer_method(self, name, original, args, kwargs)
-                    if out is not NotImplemented:
-                        return out
-                return original(self, *args, **kwargs)
-
-            return method
-
-        return wrap
-
-    from keras.src.optimizers.base_optimizer import BaseOptimizer
-
-    def apply(original):
+def _make_step_function(kind):
+    def wrap(original):
         @functools.wraps(original)
-        def _apply(self, grads, trainable_variables=None):
-            if hooks.pin_gradients is not None and grads:
-                variables = (
-                    trainable_variables
-                    if trainable_variables is not None
-                    else getattr(self, "_trainable_variables", None)
-                )
-                if variables is not None:
-                    grads = hooks.pin_gradients(list(grads), list(variables))
-            return original(self, grads, trainable_variables)
+        def make(self, force=False):
+            if hooks.make_step_function is not None:
+                out = hooks.make_step_function(self, kind, original, force)
+                if out is not NotImplemented:
+                    return out
+            return original(self, force=force)
 
-        return _apply
+        return make
 
-    _patch(BaseOptimizer, "apply", apply)
-    for kind in ("train", "test", "predict"):
-        _patch(TensorFlowTrainer, f"make_{kind}_function", make_function(kind))
-    for name in ("fit", "evaluate", "predict"):
-        _patch(TensorFlowTrainer, name, run(name))
+    return wrap
 
 
-# Keras TensorFlow-backend functions that tfshard may replace: (backend
-# module, function name). Keras's op layer (``keras.ops``), its layers and
-# keras-hub reach the backend through these module attributes, looked up at
-# call time, so one wrapper per entry covers every caller. A wrapper calls
-# the replacement registered in ``hooks.backend_ops[(module, name)]`` as
-# ``replacement(original, *args, **kwargs)``; the replacement decides, per
-# call, whether the op runs on a mesh and otherwise calls ``original``.
-BACKEND_OPS = (
-    # whole weights and whole feature dims ("Filter for convolution must have
-    # fully replicated layout")
-    ("nn", "conv"),
-    ("nn", "depthwise_conv"),
-    ("nn", "separable_conv"),
-    ("nn", "conv_transpose"),
-    # a table split by rows: a masked local lookup (no gather of the table)
-    ("numpy", "take"),
-    # per-channel ops DTensor expands only for batch-split or replicated input
-    ("nn", "max_pool"),
-    ("nn", "average_pool"),
-    # OneHot cannot expand an output split on a dim it inherits
-    ("nn", "one_hot"),
-    # TopKV2's gradient scatters global indices into a local shard
-    ("math", "top_k"),
-    # random draws: one-device numbers under any layout
-    ("random", "normal"),
-    ("random", "uniform"),
-    ("random", "truncated_normal"),
-    ("random", "randint"),
-    ("random", "categorical"),
-    ("random", "dropout"),
-    ("random", "shuffle"),
-    ("random", "gamma"),
-    ("random", "binomial"),
-    ("random", "beta"),
+def _run_trainer_method(name):
+    def wrap(original):
+        @functools.wraps(original)
+        def method(self, *args, **kwargs):
+            if hooks.run_trainer_method is not None:
+                out = hooks.run_trainer_method(self, name, original, args, kwargs)
+                if out is not NotImplemented:
+                    return out
+            return original(self, *args, **kwargs)
+
+        return method
+
+    return wrap
+
+
+def _optimizer_apply(original):
+    @functools.wraps(original)
+    def apply(self, grads, trainable_variables=None):
+        if hooks.pin_gradients is not None and grads:
+            variables = (
+                trainable_variables
+                if trainable_variables is not None
+                else getattr(self, "_trainable_variables", None)
+            )
+            if variables is not None:
+                grads = hooks.pin_gradients(list(grads), list(variables))
+        return original(self, grads, trainable_variables)
+
+    return apply
+
+
+def _backend_op(key):
+    def wrap(original):
+        @functools.wraps(original)
+        def op(*args, **kwargs):
+            replacement = hooks.backend_ops.get(key)
+            if replacement is None:
+                return original(*args, **kwargs)
+            return replacement(original, *args, **kwargs)
+
+        return op
+
+    return wrap
+
+
+_VARIABLE = "keras.src.backend.tensorflow.core:Variable"
+_LAYER = "keras.src.layers.layer:Layer"
+_TRAINER = "keras.src.backend.tensorflow.trainer:TensorFlowTrainer"
+
+CORE_PATCHES = (
+    Patch(_VARIABLE, "_initialize", _initialize,
+          "a variable created under a strategy becomes a DTensor variable laid out by "
+          "its rules, from the global initial value (optimizer slots inherit the layout)"),
+    Patch(_VARIABLE, "numpy", _numpy, "global values out of sharded variables"),
+    Patch(_VARIABLE, "__array__", _array, "global values out of sharded variables"),
+    Patch(_VARIABLE, "__tf_tensor__", _tf_tensor,
+          "a weight split over the data axis (FSDP) is read whole inside a layer call"),
+    Patch(_LAYER, "__new__", _new,
+          "a layer created under a strategy remembers it and builds under it"),
+    Patch(_LAYER, "__call__", _call,
+          "calls of a sharded layer compute on its mesh; the outermost eager call takes "
+          "plain values in and gives plain values out; output layout rules apply"),
+)
+TRAINER_PATCHES = (
+    Patch("keras.src.optimizers.base_optimizer:BaseOptimizer", "apply", _optimizer_apply,
+          "with ZeRO, gradients are laid out like their parameters before the update"),
+    *(
+        Patch(_TRAINER, f"make_{kind}_function", _make_step_function(kind),
+              f"a sharded model's {kind} step runs batches placed on the mesh")
+        for kind in ("train", "test", "predict")
+    ),
+    *(
+        Patch(_TRAINER, name, _run_trainer_method(name),
+              f"{name} of a sharded model checks batch sizes and runs in its strategy scope")
+        for name in ("fit", "evaluate", "predict")
+    ),
 )
 
+# Keras TensorFlow-backend functions that tfshard may replace: (backend
+# module, function name, why). Keras's op layer (``keras.ops``), its layers
+# and keras-hub reach the backend through these module attributes, looked
+# up at call time, so one wrapper per entry covers every caller. A wrapper
+# calls the replacement registered in ``hooks.backend_ops[(module, name)]``
+# as ``replacement(original, *args, **kwargs)``; the replacement decides,
+# per call, whether the op runs on a mesh and otherwise calls ``original``.
+_CONV = "convolution: DTensor expands it only with whole weights and whole channels"
+_RANDOM = "random draw: the numbers one device draws, under any layout"
+BACKEND_OPS = (
+    ("nn", "conv", _CONV),
+    ("nn", "depthwise_conv", _CONV),
+    ("nn", "separable_conv", _CONV),
+    ("nn", "conv_transpose", _CONV),
+    ("numpy", "take", "a table split by rows: a masked local lookup, no gather of the table"),
+    ("nn", "max_pool", "pooling on split channels (DTensor expands batch splits only)"),
+    ("nn", "average_pool", "pooling on split channels (DTensor expands batch splits only)"),
+    ("nn", "one_hot", "OneHot cannot expand an output split on a dim it inherits"),
+    ("math", "top_k", "TopKV2's gradient scatters global indices into a local shard"),
+    ("random", "normal", _RANDOM),
+    ("random", "uniform", _RANDOM),
+    ("random", "truncated_normal", _RANDOM),
+    ("random", "randint", _RANDOM),
+    ("random", "categorical", _RANDOM),
+    ("random", "dropout", _RANDOM),
+    ("random", "shuffle", _RANDOM),
+    ("random", "gamma", _RANDOM),
+    ("random", "binomial", _RANDOM),
+    ("random", "beta", _RANDOM),
+)
+BACKEND_OP_PATCHES = tuple(
+    Patch(f"keras.src.backend.tensorflow.{module}", name, _backend_op((module, name)), purpose)
+    for module, name, purpose in BACKEND_OPS
+)
 
-def _backend_module(name):
-    import importlib
-
-    return importlib.import_module(f"keras.src.backend.tensorflow.{name}")
+_installed = {}  # (owner object, attribute) -> (patch, original or None if inherited)
 
 
-def install_op_hooks():
-    for module_name, name in BACKEND_OPS:
-        module = _backend_module(module_name)
-        if (module, name) in _originals:
+def install(patches):
+    """Apply ``patches`` (once each)."""
+    for patch in patches:
+        owner = patch.resolve_owner()
+        key = (owner, patch.attribute)
+        if key in _installed:
             continue
+        raw = owner.__dict__.get(patch.attribute)
+        _installed[key] = (patch, raw)
+        if raw is None:  # inherited or absent: wrap what lookup finds, delete to restore
+            setattr(owner, patch.attribute, patch.make(getattr(owner, patch.attribute, None)))
+        elif isinstance(raw, staticmethod):
+            setattr(owner, patch.attribute, staticmethod(patch.make(raw.__func__)))
+        else:
+            setattr(owner, patch.attribute, patch.make(raw))
 
-        def wrap(original, key=(module_name, name)):
-            @functools.wraps(original)
-            def op(*args, **kwargs):
-                replacement = hooks.backend_ops.get(key)
-                if replacement is None:
-                    return original(*args, **kwargs)
-                return replacement(original, *args, **kwargs)
 
-            return op
+def uninstall(patches=None):
+    """Restore the originals of ``patches`` (all installed ones by default)."""
+    keys = list(_installed) if patches is None else [
+        (p.resolve_owner(), p.attribute) for p in patches
+    ]
+    for key in keys:
+        entry = _installed.pop(key, None)
+        if entry is None:
+            continue
+        owner, attribute = key
+        if entry[1] is None:
+            delattr(owner, attribute)
+        else:
+            setattr(owner, attribute, entry[1])
 
-        _patch(module, name, wrap)
+
+def installed_patches():
+    """The patches in place now, in the order they were installed."""
+    return [patch for patch, _ in _installed.values()]
+
+
+def describe_patches(patches=None):
+    """One line per patch: ``owner.attribute: purpose``."""
+    patches = installed_patches() if patches is None else patches
+    return "\n".join(f"{p.owner.replace(':', '.')}.{p.attribute}: {p.purpose}" for p in patches)
+
+
+def distribution_backend_patches(functions):
+    """Patches that complete Keras's TensorFlow distribution backend
+    (``keras/src/backend/tensorflow/distribution_lib.py``, a prototype that
+    lacks ``distribute_tensor`` and friends) with ``functions`` (name ->
+    (callable, purpose))."""
+    return tuple(
+        Patch("keras.src.backend.tensorflow.distribution_lib", name,
+              lambda original, f=function: f, purpose)
+        for name, (function, purpose) in functions.items()
+    )
 
 
 def draw_random_seed(seed):
@@ -385,33 +445,6 @@ def draw_random_seed(seed):
     return tf_random._cast_seed(draw_seed(seed))
 
 
-_distribution_backend_originals = {}
-
-
-def install_distribution_backend(functions):
-    """Complete Keras's TensorFlow distribution backend
-    (``keras/src/backend/tensorflow/distribution_lib.py``, a prototype that
-    lacks ``distribute_tensor`` and friends) with ``functions`` (name ->
-    callable). Reversed by :func:`uninstall_distribution_backend`."""
-    from keras.src.backend.tensorflow import distribution_lib as tf_distribution_lib
-
-    for name, function in functions.items():
-        if name not in _distribution_backend_originals:
-            _distribution_backend_originals[name] = tf_distribution_lib.__dict__.get(name)
-        setattr(tf_distribution_lib, name, function)
-
-
-def uninstall_distribution_backend():
-    from keras.src.backend.tensorflow import distribution_lib as tf_distribution_lib
-
-    for name, original in _distribution_backend_originals.items():
-        if original is None:
-            tf_distribution_lib.__dict__.pop(name, None)
-        else:
-            setattr(tf_distribution_lib, name, original)
-    _distribution_backend_originals.clear()
-
-
 def backend_variable(x):
     # Variable._value: the backend tf.Variable behind a Keras variable (None
     # for anything else; ``.value`` would autocast or run the initializer).
@@ -422,12 +455,3 @@ def backend_variable(x):
 def replace_variable_value(variable, value):
     """Point a Keras variable at another backend tf.Variable."""
     variable._value = value
-
-
-def uninstall_hooks():
-    for (owner, name), original in _originals.items():
-        if original is None:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, original)
-    _originals.clear()

@@ -424,6 +424,21 @@ def _to_backend_mesh(device_mesh):
 _enabled = False
 
 
+def _distribution_backend_patches():
+    """What tfshard supplies to Keras's TensorFlow distribution backend."""
+    served = "keras.distribution on TensorFlow, through tfshard"
+    return _keras.distribution_backend_patches(dict(
+        distribute_tensor=(distribute_tensor, "'<layer>/output' layouts lay out activations"),
+        distribute_variable=(distribute_variable, served),
+        distribute_data_input=(distribute_data_input, served),
+        get_device_count=(get_device_count, served),
+        num_processes=(num_processes, served),
+        process_id=(process_id, served),
+        initialize=(initialize, served),
+        _to_backend_mesh=(_to_backend_mesh, "DeviceMesh.backend_mesh is a DTensor mesh"),
+    ))
+
+
 def enable_keras_distribution(enabled=True):
     """Make ``keras.distribution`` work on the TensorFlow backend (on by
     default once tfshard is imported).
@@ -440,21 +455,10 @@ def enable_keras_distribution(enabled=True):
     global _enabled
     if enabled:
         _strategy.set_keras_distribution_resolver(_active_strategy)
-        _keras.install_distribution_backend(
-            dict(
-                distribute_tensor=distribute_tensor,
-                distribute_variable=distribute_variable,
-                distribute_data_input=distribute_data_input,
-                get_device_count=get_device_count,
-                num_processes=num_processes,
-                process_id=process_id,
-                initialize=initialize,
-                _to_backend_mesh=_to_backend_mesh,
-            )
-        )
+        _keras.install(_distribution_backend_patches())
     else:
         _strategy.set_keras_distribution_resolver(None)
-        _keras.uninstall_distribution_backend()
+        _keras.uninstall(_distribution_backend_patches())
     _enabled = bool(enabled)
 
 

@@ -873,5 +873,4 @@ def install():
     _keras.hooks.backend_ops[("numpy", "take")] = _take
     _keras.hooks.layer_output = _layer_output
     _keras.hooks.call_scope = _call_scope
-    _keras.install_hooks()
-    _keras.install_op_hooks()
+    _keras.install(_keras.CORE_PATCHES + _keras.BACKEND_OP_PATCHES)

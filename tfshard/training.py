@@ -379,4 +379,4 @@ def _run(model, method, original, args, kwargs):
 def install():
     _keras.hooks.make_step_function = _make_function
     _keras.hooks.run_trainer_method = _run
-    _keras.install_trainer_hooks()
+    _keras.install(_keras.TRAINER_PATCHES)
