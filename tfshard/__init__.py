@@ -22,12 +22,8 @@ from tfshard.layout import KEEP, LogicalRules, PathRules, validate_spec  # noqa:
 from tfshard.mesh import Mesh, use_virtual_devices  # noqa: E402
 from tfshard import multi_client  # noqa: E402
 from tfshard.multi_client import initialize_multi_client  # noqa: E402
-from tfshard.strategy import (  # noqa: E402
-    Strategy,
-    StrategyBuilder,
-    current_strategy,
-    install as _install_hooks,
-)
+from tfshard.strategy import Strategy, StrategyBuilder, current_strategy  # noqa: E402
+from tfshard import hooks as _hooks  # noqa: E402
 from tfshard import _ops  # noqa: E402
 from tfshard.tensors import layout_of, local_shape, to_numpy  # noqa: E402
 from tfshard import layers  # noqa: E402
@@ -49,7 +45,7 @@ from tfshard.checkpoint import (  # noqa: E402
 from tfshard import interop  # noqa: E402
 from tfshard.interop import enable_keras_distribution  # noqa: E402
 
-_install_hooks()
+_hooks.install()
 _ops.install()
 _training.install()
 enable_keras_distribution()  # keras.distribution acts on TensorFlow through tfshard

@@ -4,7 +4,7 @@ DTensor's convolution expander refuses sharded filters and sharded channels
 ("Filter for convolution must have fully replicated layout", "Conv input's
 channel dimension must be replicated"), and stock Keras convs under a
 strategy therefore run on all-gathered weights (see
-``tfshard.strategy._gathered_op``). The layers here compute the sharded
+``tfshard.hooks._gathered_op``). The layers here compute the sharded
 convolution themselves, in DTensor's global view, so the compute and the
 weights really are split:
 

@@ -1,0 +1,335 @@
+"""The Keras integration: what runs inside Keras when a variable or layer
+is on a mesh.
+
+``import tfshard`` registers these functions as the hooks of
+``tfshard._keras``'s patch table (see ``tfshard._keras.describe_patches``):
+
+* variable creation: a variable created under a strategy (or an optimizer
+  slot of one) becomes a DTensor variable laid out as the strategy resolves
+  it (:meth:`tfshard.Strategy.variable_spec`);
+* layer creation and calls: a layer created under a strategy builds under it;
+  its calls compute on the mesh (so the op replacements of
+  ``tfshard._ops`` apply), its style's activation layouts and the plan's
+  output entries are applied, and the outermost eager call takes plain
+  values in and gives plain values out;
+* backend ops: convolutions on all-gathered weights, the masked local lookup
+  of a table split by rows;
+* reads of FSDP-style weights and ZeRO gradient layouts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import tree
+
+from tfshard import _dtensor, _keras
+from tfshard.layout import KEEP, validate_spec
+from tfshard.strategy import (
+    _declared_logical_axes,
+    _computing_on,
+    computing_on,
+    current_strategy,
+    strategy_of_layer,
+)
+from tfshard.tensors import VariableLayout, masked_local_lookup
+
+
+def _make_variable(kvar, value):
+    layout = _keras.variable_layout(kvar)
+    declared = _keras.variable_shape(kvar)
+    if isinstance(layout, VariableLayout):
+        # Created with a tfshard layout: an optimizer slot (Keras passes the
+        # parameter's ``_layout`` to its slots).
+        strategy = layout.strategy
+        spec = strategy.optimizer_state_spec(layout.spec, declared)
+        spec = validate_spec(spec, declared, strategy.mesh, name=f"Variable {kvar.path!r}")
+    elif layout is not None:
+        # A keras.distribution.TensorLayout given explicitly (Variable(...,
+        # layout=...)): honoured as the spec under an active strategy, as
+        # Keras's own get_variable_layout does.
+        strategy = current_strategy()
+        if strategy is None or not isinstance(layout, keras.distribution.TensorLayout):
+            return None
+        shape = declared if declared is not None else value.shape
+        spec = validate_spec(
+            layout.axes, shape, strategy.mesh, name=f"Variable {kvar.path!r} (its layout=)"
+        )
+    else:
+        strategy = current_strategy()
+        if strategy is None:
+            return None
+        shape = declared if declared is not None else value.shape
+        spec = strategy.variable_spec(kvar.path, shape, _declared_logical_axes(kvar.path))
+    return strategy._variable_on_mesh(kvar, value, spec)
+
+
+def _variable_to_numpy(tf_variable):
+    if _dtensor.is_dtensor(tf_variable):
+        return _dtensor.to_numpy(tf_variable)
+    return None
+
+
+def _layer_created(layer):
+    strategy = current_strategy()
+    if strategy is None:
+        return
+    object.__setattr__(layer, "_tfshard_strategy", strategy)
+    build = layer.build
+
+    @functools.wraps(build)
+    def build_in_scope(*args, **kwargs):
+        with strategy._ensure_scope():
+            return build(*args, **kwargs)
+
+    object.__setattr__(layer, "build", build_in_scope)
+
+
+def _gathered_op(op, inputs, *args, **kwargs):
+    """Run a backend op whose DTensor expansion needs whole weights and whole
+    feature dimensions (convolutions: "Filter for convolution must have
+    fully replicated layout", "Conv input's channel dimension must be
+    replicated").
+
+    Sharded weight variables are all-gathered for the op (forward:
+    all-gather; backward: the gradient is sliced back to the shard), so
+    parameters and optimizer slots stay sharded at rest. The input keeps its
+    batch sharding; its other dims are replicated. The output is pinned to
+    the layout the expansion produces, so a consumer (a sharded bias) cannot
+    push another layout back onto the op.
+    """
+    strategy = current_strategy()
+    if strategy is None:
+        return op(inputs, *args, **kwargs)
+
+    def gather(x):
+        layout = _keras.variable_layout(x) if isinstance(x, keras.Variable) else None
+        if isinstance(layout, VariableLayout) and any(layout.spec):
+            return strategy.place(x.value, (None,) * len(layout.spec))
+        return x
+
+    def features_whole(x):
+        return strategy.place(x, (KEEP,) + (None,) * (len(x.shape) - 1))
+
+    inputs = features_whole(inputs)
+    out = op(inputs, *(gather(a) for a in args), **{k: gather(v) for k, v in kwargs.items()})
+    return features_whole(out)
+
+
+def _pin_gradients(grads, variables):
+    """With ZeRO optimizer-state sharding, lay each gradient out exactly like
+    its parameter before the optimizer sees it, so the slots' data-axis split
+    cannot propagate back into the backward pass (DTensor then fails with
+    "output layout of Relayout op ... does not match"). Without ZeRO the
+    gradients are left to DTensor's own propagation."""
+    out = []
+    for grad, variable in zip(grads, variables):
+        layout = _keras.variable_layout(variable)
+        if (
+            grad is not None
+            and isinstance(layout, VariableLayout)
+            and layout.strategy.optimizer_state_axis is not None
+            and not isinstance(grad, tf.IndexedSlices)
+        ):
+            grad = layout.strategy.place(grad, layout.spec)
+        out.append(grad)
+    return out
+
+
+def _read_variable(kvar, value):
+    """A weight read by an op inside a layer call, laid out as the strategy
+    computes with it (:meth:`Strategy.compute_spec`). For a weight split
+    over the data axis (FSDP): forward, an all-gather over that axis;
+    backward, the gradient (summed over the batch shards, an all-reduce over
+    the data axis) is sliced back to the shard. Everywhere else (optimizer
+    updates, checkpoints) the weight is read as stored."""
+    layout = _keras.variable_layout(kvar)
+    if not isinstance(layout, VariableLayout) or _keras.current_call_context() is None:
+        return value
+    compute = layout.strategy.compute_spec(layout.spec)
+    if compute == layout.spec:
+        return value
+    return layout.strategy.place(value, compute)
+
+
+def _take(original, x, indices, axis=None):
+    """``ops.take(table, ids, axis=0)`` (``keras.layers.Embedding`` and
+    keras-hub's ``ReversibleEmbedding`` lookups) on a table whose rows are
+    split over a mesh axis.
+
+    Forward: Megatron's masked local lookup (``tfshard.tensors.masked_local_lookup``):
+    each device looks the ids up in its own rows, one all-reduce of the
+    output over that axis; the table is never gathered over it (a table
+    also split over the data axis, FSDP-style, is first all-gathered over
+    the data axis only). Backward: what ``tf.gather`` gives plain Keras, the
+    upstream rows with their ids as ``tf.IndexedSlices`` (duplicates not
+    summed), so optimizers that treat sparse gradients their own way (Keras's
+    Adam squares each slice) match the unsharded model exactly.
+    """
+    layout = _keras.variable_layout(x) if isinstance(x, keras.Variable) else None
+    if (
+        not isinstance(layout, VariableLayout)
+        or axis != 0
+        or len(layout.spec) != 2
+        or isinstance(indices, (tf.SparseTensor, tf.RaggedTensor))
+        or not tf.as_dtype(x.dtype).is_floating  # quantized tables: no gradient, DTensor's gather
+    ):
+        return original(x, indices, axis=axis)
+    strategy = layout.strategy
+    compute = strategy.compute_spec(layout.spec)
+    split_axis = compute[0]
+    if split_axis is None:
+        return original(x, indices, axis=axis)
+    vocab, dim = (int(d) for d in x.shape)
+    size = strategy.mesh.axis_size(split_axis)
+    rows = vocab // size
+    ids = tf.convert_to_tensor(indices)
+    if not ids.dtype.is_integer:
+        ids = tf.cast(ids, "int32")
+    if tf.executing_eagerly() and not _dtensor.is_dtensor(ids):
+        ids = strategy.place(ids, strategy.batch_spec(tuple(ids.shape)))
+    elif ids.shape.rank:
+        ids = strategy.place(ids, (KEEP,) + (None,) * (ids.shape.rank - 1))
+    ids = tf.where(ids < 0, ids + vocab, ids)  # negative ids count from the end
+    stored = tf.convert_to_tensor(x.value)  # as stored: no compute relayout
+
+    @tf.custom_gradient
+    def lookup(table):
+        table = strategy.place(table, compute)  # all-gather over the data axis, if split
+        # (V, D) -> (tp, V/tp, D), split on dim 0: one slab per device.
+        slabs = strategy.place(tf.reshape(table, (size, rows, dim)), (split_axis, None, None))
+        out = masked_local_lookup(strategy, slabs, ids, split_axis, size, rows)
+
+        def grad(upstream):
+            return tf.IndexedSlices(
+                tf.reshape(upstream, (-1, dim)),
+                tf.reshape(ids, (-1,)),
+                tf.constant((vocab, dim), dtype=ids.dtype),
+            )
+
+        return out, grad
+
+    return lookup(stored)
+
+
+def _layer_output(layer, outputs):
+    """Apply an output rule (``"<layer path>/output"``) to a layer's outputs.
+
+    Under an active ``keras.distribution`` distribution Keras applies its
+    own ``/output`` layouts (through ``distribute_tensor``, which tfshard
+    supplies for the TensorFlow backend), so this hook stands aside."""
+    strategy = current_strategy()
+    if strategy is None or not len(strategy.output_rules):
+        return outputs
+    if _keras.keras_distribution() is not None:
+        return outputs
+    path = _keras.layer_path(layer) + "/output"
+    return _constrain_outputs(strategy, path, outputs)
+
+
+def _constrain_outputs(strategy, path, outputs):
+    """Lay out each tensor in ``outputs`` as the output rule for ``path``
+    says (nothing when no rule matches)."""
+
+    def one(y):
+        if isinstance(y, keras.KerasTensor) or not isinstance(y, tf.Tensor):
+            return y
+        if tf.executing_eagerly() and not _dtensor.is_dtensor(y):
+            return y  # a plain eager value is not on the mesh
+        spec = strategy.output_spec(path, tuple(y.shape))
+        return y if spec is None else strategy.place(y, spec)
+
+    if strategy.output_rules.match_rule(path, what="Layer output") is None:
+        return outputs
+    return tree.map_structure(one, outputs)
+
+
+def _call_scope(layer):
+    # Only the strategy recorded at creation: cheap enough for every call of
+    # every layer (plain Keras layers have none).
+    strategy = layer.__dict__.get("_tfshard_strategy")
+    if strategy is None or _computing_on.get() is strategy:
+        return None
+    return computing_on(strategy)
+
+
+def _is_plain_array(x):
+    if isinstance(x, np.ndarray):
+        return x.ndim > 0
+    if isinstance(x, tf.Tensor) and not isinstance(x, tf.RaggedTensor):
+        return x.shape.rank not in (None, 0) and not _dtensor.is_dtensor(x)
+    return False
+
+
+def _traced_call(layer, call):
+    traced = layer.__dict__.get("_tfshard_traced_call")
+    if traced is None:
+        traced = tf.function(
+            lambda a, k: call(layer, *a, **k), reduce_retracing=True, autograph=False
+        )
+        object.__setattr__(layer, "_tfshard_traced_call", traced)
+    return traced
+
+
+def _entry_call(layer, call, args, kwargs):
+    """Outermost eager call of a sharded layer: plain in, plain out."""
+    if _keras.current_call_context() is not None or not tf.executing_eagerly():
+        return NotImplemented
+    strategy = strategy_of_layer(layer)
+    if strategy is None:
+        return NotImplemented
+    flat = tree.flatten((args, kwargs))
+    if any(isinstance(x, keras.KerasTensor) for x in flat):
+        return NotImplemented
+    plain = any(_is_plain_array(x) for x in flat)
+
+    def place(x):
+        if _is_plain_array(x):
+            return strategy.place(x, strategy.batch_spec(x.shape))
+        return x
+
+    args, kwargs = tree.map_structure(place, (args, kwargs))
+    with strategy._ensure_scope():
+        if not layer.built:
+            # Build symbolically first, so no variable is created while the
+            # call below is being traced.
+            def symbolic(x):
+                if isinstance(x, tf.Tensor):
+                    return keras.KerasTensor(tuple(x.shape), dtype=x.dtype.name)
+                return x
+
+            s_args, s_kwargs = tree.map_structure(symbolic, (args, kwargs))
+            call(layer, *s_args, **s_kwargs)
+        try:
+            out = call(layer, *args, **kwargs)
+        except tf.errors.UnimplementedError as err:
+            if "got a regular tensor" not in str(err):
+                raise
+            # The layer made a plain non-scalar constant (e.g. a causal mask)
+            # that eager DTensor ops reject. Traced, such constants live on
+            # the mesh. (Gradients through this path are not supported by
+            # DTensor's eager function calls; use model.fit or tf.function.)
+            out = _traced_call(layer, call)(args, kwargs)
+    if not plain:
+        return out
+    return tree.map_structure(
+        lambda y: _dtensor.to_plain(y) if _dtensor.is_dtensor(y) else y, out
+    )
+
+
+def install():
+    _keras.hooks.make_variable = _make_variable
+    _keras.hooks.to_numpy = _variable_to_numpy
+    _keras.hooks.layer_created = _layer_created
+    _keras.hooks.entry_call = _entry_call
+    _keras.hooks.pin_gradients = _pin_gradients
+    _keras.hooks.read_variable = _read_variable
+    for name in ("conv", "depthwise_conv", "separable_conv", "conv_transpose"):
+        _keras.hooks.backend_ops[("nn", name)] = _gathered_op
+    _keras.hooks.backend_ops[("numpy", "take")] = _take
+    _keras.hooks.layer_output = _layer_output
+    _keras.hooks.call_scope = _call_scope
+    _keras.install(_keras.CORE_PATCHES + _keras.BACKEND_OP_PATCHES)
