@@ -97,9 +97,9 @@ def keras_lookup(layouts, path):
     return None if layout is None else tuple(layout.axes)
 
 
-def tfshard_lookup(rules, path):
+def tfshard_lookup(plan, path):
     try:
-        return rules.match(path)
+        return plan.variable_spec(path)
     except tfshard.ShardingError:
         return "ambiguous"
 
@@ -109,14 +109,14 @@ def test_rule_lookup_equals_keras_layout_map_lookup(kind):
     layouts = semantics_map()
     source = layouts if kind == "layout_map" else keras.distribution.ModelParallel(layout_map=layouts)
     strategy = tfshard.StrategyBuilder.from_keras(source).build()
-    got = {p: tfshard_lookup(strategy.path_rules, p) for p in LOOKUP_PATHS}
+    got = {p: tfshard_lookup(strategy.plan, p) for p in LOOKUP_PATHS}
     assert got == {p: keras_lookup(layouts, p) for p in LOOKUP_PATHS}
     assert got["dense/kernel"] == ("model", None)
     assert got["x/dense_1/kernel"] == (None, "model")
     assert got["dense/kernel_1"] is None
     assert got["block_3/ffn/kernel"] == ("batch", "model")
     assert got["enc/dense/kernel"] == "ambiguous"
-    assert strategy.output_rules.match("head/output") == ("batch", "model")
+    assert strategy.plan.output_spec("head/output") == ("batch", "model")
 
 
 def test_a_variable_matching_two_keys_is_a_sharding_error():
@@ -170,10 +170,10 @@ def test_from_keras_layout_map_and_device_mesh():
     layouts["dense/kernel"] = (None, "model")
     from_map = tfshard.StrategyBuilder.from_keras(layouts).build()
     assert (from_map.data_axis, from_map.tensor_axis) == ("batch", "model")
-    assert from_map.path_rules.match("dense/kernel") == (None, "model")
+    assert from_map.plan.variable_spec("dense/kernel") == (None, "model")
     from_mesh = tfshard.StrategyBuilder.from_keras(keras_mesh()).build()
     assert (from_mesh.data_axis, from_mesh.tensor_axis) == ("batch", "model")
-    assert len(from_mesh.path_rules) == 0
+    assert len(from_mesh.plan) == 0
 
 
 def test_from_keras_rejects_other_objects_and_maps_without_a_mesh():
@@ -188,11 +188,11 @@ def test_builder_rules_added_after_from_keras_join_the_lookup():
     layouts["dense/kernel"] = (None, "model")
     builder = tfshard.StrategyBuilder.from_keras(layouts).shard("other/kernel", ("model", None))
     strategy = builder.build()
-    assert strategy.path_rules.match("other/kernel") == ("model", None)
-    assert strategy.path_rules.match("dense/kernel") == (None, "model")
+    assert strategy.plan.variable_spec("other/kernel") == ("model", None)
+    assert strategy.plan.variable_spec("dense/kernel") == (None, "model")
     clash = tfshard.StrategyBuilder.from_keras(layouts).shard(".*/kernel", (None, None)).build()
     with pytest.raises(tfshard.ShardingError, match="matches both LayoutMap key 'dense/kernel'"):
-        clash.path_rules.match("dense/kernel")
+        clash.plan.variable_spec("dense/kernel")
 
 
 @pytest.mark.parametrize("kind", ["model_parallel", "layout_map"])
@@ -210,7 +210,7 @@ def test_converted_strategy_is_released_with_its_keras_object(kind):
         layer.build((None, 4))
     assert tfshard.layout_of(layer.kernel) == (None, "model")
     layouts["dense/bias"] = ("model",)  # the rules stay a live view
-    assert strategy.path_rules.match("dense/bias") == ("model",)
+    assert strategy.plan.variable_spec("dense/bias") == ("model",)
 
     obj_ref, strategy_ref = weakref.ref(obj), weakref.ref(strategy)
     del obj, layouts, strategy, layer

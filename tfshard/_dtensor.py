@@ -163,7 +163,20 @@ def expand_replicated(op_types):
         os.environ[f"DTENSOR_ENABLE_REPLICATED_SPMD_AS_DEFAULT_TF.{op_type.upper()}"] = "1"
 
 
+def default_mesh(dmesh):
+    """Within this block, eager ops with no DTensor input (``tf.ones``, a
+    causal mask built from it) make replicated DTensors on ``dmesh``, so they
+    can meet sharded values."""
+    return dtensor.default_mesh(dmesh)
+
+
 def relayout(tensor, layout):
+    """``tensor`` laid out as ``layout``; in a graph, a tensor that a
+    relayout to the same layout just produced is returned as is."""
+    if not tf.executing_eagerly() and getattr(tensor, "op", None) is not None:
+        op = tensor.op
+        if op.type == "Relayout" and op.get_attr("layout") == layout.to_string().encode():
+            return tensor
     return dtensor.relayout(tensor, layout)
 
 

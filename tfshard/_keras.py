@@ -87,6 +87,33 @@ def layer_path(layer):
     return f"{parent}/{layer.name}" if parent else layer.name
 
 
+def enclosing_layers():
+    """The layers whose calls or builds enclose this point, outermost
+    first: the callers on Keras's name-scope stack (``Layer.add_weight``,
+    ``build`` and ``__call__`` each open ``name_scope(layer.name,
+    caller=layer)``). Inside ``add_weight`` the last one owns the weight."""
+    stack = global_state.get_global_attribute("name_scope_stack") or []
+    layers = []
+    for entry in stack:
+        caller = getattr(entry, "caller", None)
+        if isinstance(caller, Layer) and (not layers or layers[-1] is not caller):
+            layers.append(caller)
+    return layers
+
+
+def sublayers(layer):
+    # Layer._layers: the layers a layer tracks directly (its children).
+    return list(getattr(layer, "_layers", ()))
+
+
+def own_weights(layer):
+    # Layer._trainable_variables/_non_trainable_variables: the weights a
+    # layer created itself, not its sublayers'.
+    return list(getattr(layer, "_trainable_variables", ())) + list(
+        getattr(layer, "_non_trainable_variables", ())
+    )
+
+
 def variable_layout(variable):
     """The ``_layout`` Keras stores on a variable (None if unset)."""
     return getattr(variable, "_layout", None)
@@ -145,7 +172,8 @@ class _Hooks:
     pin_gradients = None  # (grads, variables) -> grads laid out like their variables
     make_step_function = None  # (model, kind, original, force) -> fn | NotImplemented
     read_variable = None  # (keras_variable, tensor) -> the tensor laid out for the op reading it
-    layer_output = None  # (layer, outputs) -> outputs, constrained by "<layer path>/output" rules
+    layer_inputs = None  # (layer, args, kwargs) -> (args, kwargs), laid out as the layer's style says
+    layer_output = None  # (layer, outputs) -> outputs, laid out by its style and "<path>/output" entries
     run_trainer_method = None  # (model, name, original, args, kwargs) -> result | NotImplemented
     call_scope = None  # (layer) -> context manager around the layer's call, or None
 
@@ -234,16 +262,21 @@ def _new(original):
 def _call(original):
     @functools.wraps(original)
     def __call__(self, *args, **kwargs):
-        scope = hooks.call_scope(self) if hooks.call_scope is not None else None
-        with scope if scope is not None else contextlib.nullcontext():
-            if hooks.entry_call is not None:
-                out = hooks.entry_call(self, original, args, kwargs)
-                if out is not NotImplemented:
-                    return out
+        def run(*args, **kwargs):
+            if hooks.layer_inputs is not None:
+                args, kwargs = hooks.layer_inputs(self, args, kwargs)
             out = original(self, *args, **kwargs)
             if hooks.layer_output is not None:
                 out = hooks.layer_output(self, out)
             return out
+
+        scope = hooks.call_scope(self) if hooks.call_scope is not None else None
+        with scope if scope is not None else contextlib.nullcontext():
+            if hooks.entry_call is not None:
+                out = hooks.entry_call(self, run, args, kwargs)
+                if out is not NotImplemented:
+                    return out
+            return run(*args, **kwargs)
 
     return __call__
 

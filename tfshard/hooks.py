@@ -29,7 +29,6 @@ from keras import tree
 from tfshard import _dtensor, _keras
 from tfshard.layout import KEEP, validate_spec
 from tfshard.strategy import (
-    _declared_logical_axes,
     _computing_on,
     computing_on,
     current_strategy,
@@ -63,7 +62,9 @@ def _make_variable(kvar, value):
         if strategy is None:
             return None
         shape = declared if declared is not None else value.shape
-        spec = strategy.variable_spec(kvar.path, shape, _declared_logical_axes(kvar.path))
+        layers = _keras.enclosing_layers()
+        owner, parents = (layers[-1], layers[:-1]) if layers else (None, [])
+        spec = strategy.variable_spec(kvar.path, shape, name=kvar.name, layer=owner, parents=parents)
     return strategy._variable_on_mesh(kvar, value, spec)
 
 
@@ -215,35 +216,69 @@ def _take(original, x, indices, axis=None):
     return lookup(stored)
 
 
-def _layer_output(layer, outputs):
-    """Apply an output rule (``"<layer path>/output"``) to a layer's outputs.
+def _declaration_on_mesh(layer):
+    """``(strategy, declaration)`` for a call of ``layer`` that computes on
+    a mesh with devices to split over, else None."""
+    strategy = layer.__dict__.get("_tfshard_strategy")
+    if strategy is None or strategy.mesh.size == 1:
+        return None  # nothing to split: the layer's own call, unchanged
+    return strategy, strategy.declaration(layer, _keras.enclosing_layers())
 
-    Under an active ``keras.distribution`` distribution Keras applies its
-    own ``/output`` layouts (through ``distribute_tensor``, which tfshard
-    supplies for the TensorFlow backend), so this hook stands aside."""
-    strategy = current_strategy()
-    if strategy is None or not len(strategy.output_rules):
+
+def _layer_inputs(layer, args, kwargs):
+    """The first input laid out as the layer's style declares."""
+    found = _declaration_on_mesh(layer)
+    if found is None or found[1] is None or found[1].inputs is None or not args:
+        return args, kwargs
+    strategy, declaration = found
+    first = args[0]
+    if isinstance(first, (tf.Tensor, tf.Variable)) and not isinstance(first, keras.KerasTensor):
+        if not tf.executing_eagerly() or _dtensor.is_dtensor(first):
+            args = (strategy.constrain(first, declaration.inputs),) + tuple(args[1:])
+    return args, kwargs
+
+
+def _layer_output(layer, outputs):
+    """A layer's outputs laid out as its style declares, then as the plan's
+    ``"<layer path>/output"`` entry says. (Under an active
+    ``keras.distribution`` distribution Keras applies its own ``/output``
+    layouts through ``distribute_tensor``, which tfshard supplies.)"""
+    found = _declaration_on_mesh(layer)
+    if found is None:
+        strategy = layer.__dict__.get("_tfshard_strategy") or current_strategy()
+        declaration = None
+    else:
+        strategy, declaration = found
+    if strategy is None:
         return outputs
-    if _keras.keras_distribution() is not None:
+    if declaration is not None and declaration.outputs is not None:
+        outputs = tree.map_structure(
+            lambda y: strategy.constrain(y, declaration.outputs) if _on_mesh_value(y) else y,
+            outputs,
+        )
+    if not strategy.plan.has_outputs() or _keras.keras_distribution() is not None:
         return outputs
-    path = _keras.layer_path(layer) + "/output"
-    return _constrain_outputs(strategy, path, outputs)
+    return _constrain_outputs(strategy, _keras.layer_path(layer) + "/output", outputs)
+
+
+def _on_mesh_value(y):
+    if isinstance(y, keras.KerasTensor) or not isinstance(y, tf.Tensor):
+        return False
+    return not tf.executing_eagerly() or _dtensor.is_dtensor(y)
 
 
 def _constrain_outputs(strategy, path, outputs):
-    """Lay out each tensor in ``outputs`` as the output rule for ``path``
-    says (nothing when no rule matches)."""
+    """Lay out each tensor in ``outputs`` as the plan's entry for ``path``
+    (``"<layer path>/output"``) says (nothing when no entry matches)."""
+    if strategy.plan.output_rule(path) is None:
+        return outputs
 
     def one(y):
-        if isinstance(y, keras.KerasTensor) or not isinstance(y, tf.Tensor):
+        if not _on_mesh_value(y):
             return y
-        if tf.executing_eagerly() and not _dtensor.is_dtensor(y):
-            return y  # a plain eager value is not on the mesh
         spec = strategy.output_spec(path, tuple(y.shape))
         return y if spec is None else strategy.place(y, spec)
 
-    if strategy.output_rules.match_rule(path, what="Layer output") is None:
-        return outputs
     return tree.map_structure(one, outputs)
 
 
@@ -264,18 +299,62 @@ def _is_plain_array(x):
     return False
 
 
-def _traced_call(layer, call):
-    traced = layer.__dict__.get("_tfshard_traced_call")
-    if traced is None:
-        traced = tf.function(
-            lambda a, k: call(layer, *a, **k), reduce_retracing=True, autograph=False
+def _traced_call(layer, call, args, kwargs):
+    """``call(*args, **kwargs)`` run as a traced function, differentiable
+    from eager code: DTensor cannot compile the backward function TensorFlow
+    derives for an eagerly called function ("missing result layout
+    attribute"), so the gradient is a second traced function that runs the
+    layer again under a tape (recomputation) and returns the gradients of
+    the floating inputs and of the variables the forward read."""
+    functions = layer.__dict__.get("_tfshard_traced_call")
+    if functions is None:
+        def forward(a, k):
+            return call(*a, **k)
+
+        def backward(a, k, upstream, variables):
+            watched = [x for x in tree.flatten((a, k)) if _is_float_tensor(x)]
+            with tf.GradientTape() as tape:
+                tape.watch(watched)
+                out = call(*a, **k)
+            grads = tape.gradient(tree.flatten(out), watched + list(variables), upstream)
+            return grads[: len(watched)], grads[len(watched):]
+
+        functions = tuple(
+            tf.function(f, reduce_retracing=True, autograph=False) for f in (forward, backward)
         )
-        object.__setattr__(layer, "_tfshard_traced_call", traced)
-    return traced
+        object.__setattr__(layer, "_tfshard_traced_call", functions)
+    forward, backward = functions
+    flat = tree.flatten((args, kwargs))
+    positions = [i for i, x in enumerate(flat) if _is_float_tensor(x)]
+
+    def rebuild(tensors):
+        items = list(flat)
+        for i, tensor in zip(positions, tensors):
+            items[i] = tensor
+        return tree.pack_sequence_as((args, kwargs), items)
+
+    @tf.custom_gradient
+    def run(*tensors):
+        a, k = rebuild(tensors)
+        out = forward(a, k)
+
+        def grad(*upstream, variables=None):
+            variables = list(variables or [])
+            inputs, weights = backward(a, k, list(upstream), variables)
+            return list(inputs), list(weights)
+
+        return out, grad
+
+    return run(*(flat[i] for i in positions))
+
+
+def _is_float_tensor(x):
+    return isinstance(x, tf.Tensor) and x.dtype.is_floating
 
 
 def _entry_call(layer, call, args, kwargs):
-    """Outermost eager call of a sharded layer: plain in, plain out."""
+    """Outermost eager call of a sharded layer: plain in, plain out.
+    ``call(*args, **kwargs)`` runs the layer (with its layouts)."""
     if _keras.current_call_context() is not None or not tf.executing_eagerly():
         return NotImplemented
     strategy = strategy_of_layer(layer)
@@ -292,7 +371,8 @@ def _entry_call(layer, call, args, kwargs):
         return x
 
     args, kwargs = tree.map_structure(place, (args, kwargs))
-    with strategy._ensure_scope():
+    # Constants the layer makes (masks) are replicated DTensors on its mesh.
+    with strategy._ensure_scope(), _dtensor.default_mesh(strategy.mesh._dtensor_mesh):
         if not layer.built:
             # Build symbolically first, so no variable is created while the
             # call below is being traced.
@@ -302,17 +382,16 @@ def _entry_call(layer, call, args, kwargs):
                 return x
 
             s_args, s_kwargs = tree.map_structure(symbolic, (args, kwargs))
-            call(layer, *s_args, **s_kwargs)
+            call(*s_args, **s_kwargs)
         try:
-            out = call(layer, *args, **kwargs)
+            out = call(*args, **kwargs)
         except tf.errors.UnimplementedError as err:
             if "got a regular tensor" not in str(err):
                 raise
             # The layer made a plain non-scalar constant (e.g. a causal mask)
             # that eager DTensor ops reject. Traced, such constants live on
-            # the mesh. (Gradients through this path are not supported by
-            # DTensor's eager function calls; use model.fit or tf.function.)
-            out = _traced_call(layer, call)(args, kwargs)
+            # the mesh.
+            out = _traced_call(layer, call, args, kwargs)
     if not plain:
         return out
     return tree.map_structure(
@@ -330,6 +409,7 @@ def install():
     for name in ("conv", "depthwise_conv", "separable_conv", "conv_transpose"):
         _keras.hooks.backend_ops[("nn", name)] = _gathered_op
     _keras.hooks.backend_ops[("numpy", "take")] = _take
+    _keras.hooks.layer_inputs = _layer_inputs
     _keras.hooks.layer_output = _layer_output
     _keras.hooks.call_scope = _call_scope
     _keras.install(_keras.CORE_PATCHES + _keras.BACKEND_OP_PATCHES)

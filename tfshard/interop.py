@@ -29,7 +29,6 @@ into ``keras.src`` (the TensorFlow distribution backend module) lives in
 
 from __future__ import annotations
 
-import re
 import weakref
 
 import keras
@@ -40,8 +39,9 @@ from keras import tree
 from tfshard import _dtensor, _keras
 from tfshard import strategy as _strategy
 from tfshard.errors import ShardingError, StrategyError, UnsupportedFeatureError
-from tfshard.layout import KEEP, PathRules, fitting_spec, validate_spec
+from tfshard.layout import KEEP, fitting_spec, validate_spec
 from tfshard.mesh import Mesh
+from tfshard.styles import Plan, spec_of_layout as _spec_of, weight_owners
 
 __all__ = [
     "mesh_from_keras",
@@ -98,110 +98,11 @@ def mesh_from_keras(device_mesh) -> Mesh:
     return mesh
 
 
-def _spec_of(layout, key):
-    """The tfshard spec of a ``TensorLayout`` (or a tuple, as LayoutMap
-    accepts)."""
-    if isinstance(layout, keras.distribution.TensorLayout):
-        return tuple(layout.axes)
-    if isinstance(layout, (tuple, list)):
-        return tuple(layout)
-    raise ShardingError(
-        f"LayoutMap[{key!r}] is {layout!r}; a layout must be a "
-        "keras.distribution.TensorLayout or a tuple of mesh axis names/None."
-    )
-
-
 def _other_axis(mesh, data_axis):
     """On a 2-D mesh, the axis that is not the data axis: tfshard's own
     layers (which name logical dims) shard over it. None otherwise."""
     rest = [a for a in mesh.axis_names if a != data_axis]
     return rest[0] if len(mesh.axis_names) == 2 and len(rest) == 1 else None
-
-
-class LayoutMapRules:
-    """tfshard path rules that *are* a Keras layout lookup.
-
-    Every lookup calls Keras's own (``LayoutMap.__getitem__``, or a
-    ``ModelParallel``'s ``get_tensor_layout``), so the semantics are Keras's
-    by construction: an exact key wins, otherwise ``re.fullmatch`` over the
-    keys, and two matching keys are an error. The view is live: keys added
-    to the map later apply to variables created later. Rules added with
-    ``StrategyBuilder.shard`` / ``shard_output`` after ``from_keras`` join
-    the same lookup (a path matched by both is an error).
-    """
-
-    exact_first = True
-
-    def __init__(self, lookup, layout_map=None, source="LayoutMap"):
-        self._lookup = lookup
-        self._layout_map = layout_map  # for naming keys, when known
-        self._source = source
-        self._extra = PathRules(exact_first=True)
-
-    def _key_for(self, path):
-        if self._layout_map is None:
-            return f"{self._source} layout map"  # its keys are not public
-        keys = list(self._layout_map)  # (`in` on a LayoutMap is always True)
-        if path in keys:
-            return path
-        for key in keys:
-            if re.fullmatch(key, path):
-                return key
-        return path
-
-    def match_rule(self, path, *, what="Variable"):
-        try:
-            layout = self._lookup(path)
-        except ValueError as err:
-            raise ShardingError(
-                f"{what} {path!r}: {err} Make the LayoutMap keys exclusive "
-                "(each path may match at most one key)."
-            ) from None
-        extra = self._extra.match_rule(path, what=what)
-        if layout is None:
-            return extra
-        key = self._key_for(path)
-        if extra is not None:
-            raise ShardingError(
-                f"{what} {path!r} matches both {self._source} key {key!r} and "
-                f"the rule {extra[0]!r} added with StrategyBuilder; keep one."
-            )
-        return key, _spec_of(layout, key)
-
-    def match(self, path, *, what="Variable"):
-        rule = self.match_rule(path, what=what)
-        return rule[1] if rule else None
-
-    def add(self, pattern, spec):
-        self._extra.add(pattern, spec)
-
-    def check_axes(self, mesh):
-        self._extra.check_axes(mesh)
-        if self._layout_map is not None:
-            for key in self._layout_map:
-                spec = _spec_of(self._layout_map[key], key)
-                for axis in spec:
-                    if axis is not None and axis not in mesh.axis_names:
-                        raise ShardingError(
-                            f"LayoutMap[{key!r}] = {spec!r}: mesh axis {axis!r} "
-                            f"is not on the mesh; its axes are "
-                            f"{list(mesh.axis_names)}."
-                        )
-
-    def copy(self):
-        out = LayoutMapRules(self._lookup, self._layout_map, self._source)
-        out._extra = self._extra.copy()
-        return out
-
-    def __iter__(self):
-        keys = list(self._layout_map) if self._layout_map is not None else []
-        pairs = [(k, _spec_of(self._layout_map[k], k)) for k in keys]
-        return iter(pairs + list(self._extra))
-
-    def __len__(self):
-        # A ModelParallel's keys are not public: count it as one rule.
-        known = len(self._layout_map) if self._layout_map is not None else 1
-        return known + len(self._extra)
 
 
 # -------------------------------------------------------------- builders
@@ -223,10 +124,10 @@ def builder_from_keras(obj):
     tensor-parallel axis, so tfshard layers in the same model shard their
     logical dims over it.
     """
-    rules = None
+    plan = None
     if isinstance(obj, keras.distribution.ModelParallel):
         device_mesh, data_axis = obj.device_mesh, obj.batch_dim_name
-        rules = LayoutMapRules(obj.get_tensor_layout, source="ModelParallel")
+        plan = Plan().add_layout_map(obj.get_tensor_layout, source="ModelParallel")
     elif isinstance(obj, keras.distribution.DataParallel):
         device_mesh, data_axis = obj.device_mesh, obj.batch_dim_name
     elif isinstance(obj, keras.distribution.LayoutMap):
@@ -238,7 +139,7 @@ def builder_from_keras(obj):
                 "keras.distribution.DeviceMesh(shape, axis_names, devices))."
             )
         data_axis = device_mesh.axis_names[0]
-        rules = LayoutMapRules(obj.__getitem__, layout_map=obj)
+        plan = Plan().add_layout_map(obj.__getitem__, layout_map=obj)
     elif isinstance(obj, keras.distribution.DeviceMesh):
         device_mesh, data_axis = obj, obj.axis_names[0]
     else:
@@ -252,9 +153,8 @@ def builder_from_keras(obj):
         tensor_axis = _other_axis(mesh, data_axis)
         if tensor_axis is not None:
             builder.tensor_parallel(tensor_axis)
-    if rules is not None:
-        rules.check_axes(mesh)
-        builder._use_path_rules(rules, rules.copy())
+    if plan is not None:
+        builder.plan(plan)
     return builder
 
 
@@ -325,15 +225,17 @@ def check_layout(layout, model):
     else:
         strategy = strategy_from_keras(layout)
     problems = []
+    owners = weight_owners(model)
     for variable in model.weights:
         path = variable.path
         shape = tuple(int(d) for d in variable.shape)
+        layer, parents = owners.get(id(variable), (None, []))
         try:
-            strategy.variable_spec(path, shape)
+            strategy.variable_spec(path, shape, name=variable.name, layer=layer, parents=parents)
         except ShardingError as err:
             line = f"- {err}"
             try:
-                rule = strategy.path_rules.match_rule(path)
+                rule = strategy.plan.variable_rule(path)
             except ShardingError:  # ambiguous: the message says so
                 rule = None
             fit = None if rule is None else _fitting_spec_if_fixable(rule[1], shape, strategy.mesh)

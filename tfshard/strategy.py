@@ -8,15 +8,22 @@ every variable and activation.
     with strategy.scope():
         model = build_my_keras_model()
 
-Variables created inside ``scope()`` are DTensor variables laid out by, in
-order of precedence:
+Variables created inside ``scope()`` are DTensor variables laid out by the
+strategy's *plan* (see :mod:`tfshard.styles`), resolved in one place,
+:meth:`Strategy.variable_spec`, in order of precedence:
 
-1. a path rule from ``.shard(pattern, spec)`` (regex, matched in full);
-2. the logical dimensions a tfshard layer declares, through the logical rules
+1. a plan entry for the variable's path (``.shard(pattern, spec)``, a keras
+   ``LayoutMap`` key), matched in full;
+2. the logical axes the owning layer's *style* declares (a plan entry for
+   the layer's path or class, its parent's composite style, or the style a
+   tfshard layer carries), mapped to mesh axes by the logical rules
    (``.rules({"heads": "model"})``; ``tensor_parallel`` maps the standard
-   tensor-parallel dimensions ``heads``, ``kv_heads``, ``d_ff``, ``vocab``
-   and ``experts`` to its axis unless a rule says otherwise);
+   tensor-parallel dimensions ``heads``, ``kv_heads``, ``d_ff``, ``vocab``,
+   ``channels`` and ``experts`` to its axis unless a rule says otherwise);
 3. otherwise replicated.
+
+Activations follow the same plan: a layer's style lays out its input and
+output, and ``"<layer path>/output"`` entries lay out a layer's output.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ import tensorflow as tf
 
 from tfshard import _dtensor, _keras
 from tfshard.errors import StrategyError
-from tfshard.layout import KEEP, LogicalRules, PathRules, validate_spec
+from tfshard.layout import KEEP, LogicalRules, validate_spec
 from tfshard.mesh import Mesh
+from tfshard.styles import Plan, resolve_style, resolve_weight
 from tfshard.tensors import VariableLayout
 
 # "experts" (ExpertParallelMoE) defaults to the tensor axis too; a rule
@@ -41,8 +49,6 @@ from tfshard.tensors import VariableLayout
 TENSOR_PARALLEL_DIMS = ("heads", "kv_heads", "d_ff", "vocab", "channels", "experts")
 
 _local = threading.local()
-_pending_logical_axes = contextvars.ContextVar("tfshard_logical_axes", default=None)
-_pending_logical_map = contextvars.ContextVar("tfshard_logical_map", default=())
 _computing_on = contextvars.ContextVar("tfshard_computing_on", default=None)
 
 
@@ -131,55 +137,18 @@ def mesh_computation():
     return strategy
 
 
-@contextlib.contextmanager
-def declare_logical_axes(logical_axes):
-    """Tell the variable created inside this block its logical dimensions."""
-    token = _pending_logical_axes.set(
-        tuple(logical_axes) if logical_axes is not None else None
-    )
-    try:
-        yield
-    finally:
-        _pending_logical_axes.reset(token)
-
-
-@contextlib.contextmanager
-def declare_logical_axes_by_name(mapping):
-    """Logical dimensions for variables created in this block, by the end of
-    their path: ``{"query/kernel": ("d_model", "heads", None)}`` applies to
-    ``.../query/kernel``. For layers whose weights live in Keras sublayers
-    (``MultiHeadAttention`` builds ``EinsumDense`` sublayers)."""
-    entries = tuple((name.strip("/"), tuple(axes)) for name, axes in mapping.items())
-    token = _pending_logical_map.set(entries + _pending_logical_map.get())
-    try:
-        yield
-    finally:
-        _pending_logical_map.reset(token)
-
-
-def _declared_logical_axes(path):
-    axes = _pending_logical_axes.get()
-    if axes is not None:
-        return axes
-    for name, named_axes in _pending_logical_map.get():
-        if path == name or path.endswith("/" + name):
-            return named_axes
-    return None
-
-
 class Strategy:
     """A mesh plus layout rules. Build it with :class:`StrategyBuilder`."""
 
-    def __init__(self, mesh, data_axis, tensor_axis, logical_rules, path_rules,
-                 optimizer_state_axis=None, output_rules=None, random_streams="global"):
+    def __init__(self, mesh, data_axis, tensor_axis, logical_rules, plan, *,
+                 optimizer_state_axis=None, random_streams="global"):
         self._mesh = mesh
         self._random_streams = random_streams
-        self._output_rules = output_rules if output_rules is not None else PathRules()
         self._optimizer_state_axis = optimizer_state_axis
         self._data_axis = data_axis
         self._tensor_axis = tensor_axis
         self._logical_rules = logical_rules
-        self._path_rules = path_rules
+        self._plan = plan
         self._layouts = {}
         self._variables = weakref.WeakValueDictionary()
         self._next_id = 0
@@ -217,13 +186,9 @@ class Strategy:
         return self._logical_rules
 
     @property
-    def path_rules(self) -> PathRules:
-        return self._path_rules
-
-    @property
-    def output_rules(self) -> PathRules:
-        """Activation layouts: ``"<layer path>/output"`` regex -> spec."""
-        return self._output_rules
+    def plan(self) -> Plan:
+        """Styles by layer, specs by variable and activation path."""
+        return self._plan
 
     def __repr__(self):
         return (
@@ -257,25 +222,62 @@ class Strategy:
             self._layouts[spec] = layout
         return layout
 
-    def variable_spec(self, path, shape, logical_axes=None):
-        """The validated spec of a variable at ``path`` with ``shape``."""
+    def variable_spec(self, path, shape, *, name=None, layer=None, parents=()):
+        """The validated spec of the variable at ``path`` with ``shape``:
+        weight ``name`` of ``layer`` (inside ``parents``, outermost first).
+
+        The one place every variable layout is decided: the plan's entry
+        for the path (``.shard``, a keras LayoutMap key), else the logical
+        axes the owning layer's style declares mapped by the logical rules,
+        else replicated (see :func:`tfshard.styles.resolve_weight`).
+        """
         shape = tuple(int(d) for d in shape)
-        rule = self._path_rules.match_rule(path)
-        if rule is not None:
-            name = f"Variable {path!r} (layout rule {rule[0]!r})"
-            return validate_spec(rule[1], shape, self._mesh, name=name)
-        spec = None
-        if logical_axes is not None:
-            if len(logical_axes) != len(shape):
-                raise StrategyError(
-                    f"Variable {path!r}: its layer declares logical axes "
-                    f"{tuple(logical_axes)!r} for a tensor of shape {shape}; "
-                    "the layer must declare one logical name per dimension."
-                )
-            spec = self._logical_rules.spec_for(logical_axes)
-        if spec is None:
-            spec = (None,) * len(shape)
-        return validate_spec(spec, shape, self._mesh, name=f"Variable {path!r}")
+        resolved = resolve_weight(self._plan, path, name, layer, list(parents))
+        if resolved is None:
+            return validate_spec((None,) * len(shape), shape, self._mesh, name=f"Variable {path!r}")
+        source, axes = resolved
+        if source.startswith("plan"):
+            return validate_spec(axes, shape, self._mesh, name=f"Variable {path!r} ({source})")
+        if len(axes) != len(shape):
+            raise StrategyError(
+                f"Variable {path!r}: {source} declares logical axes {axes!r} for a "
+                f"tensor of shape {shape}; a style must declare one logical name "
+                "per dimension."
+            )
+        spec = self._logical_rules.spec_for(axes)
+        return validate_spec(spec, shape, self._mesh, name=f"Variable {path!r} ({source})")
+
+    def declaration(self, layer, parents=()):
+        """What ``layer``'s style declares (weights and activation layouts),
+        or None for a layer with no style. Cached on the layer."""
+        cached = layer.__dict__.get("_tfshard_declaration")
+        if cached is not None and cached[0] is self:
+            return cached[1]
+        resolved = resolve_style(self._plan, layer, list(parents))
+        declaration = None if resolved is None else resolved[1].declare(layer)
+        if getattr(layer, "built", False):
+            object.__setattr__(layer, "_tfshard_declaration", (self, declaration))
+        return declaration
+
+    def constrain(self, x, trailing):
+        """Lay out activation ``x``: dimension 0 (the batch) keeps its split,
+        the trailing ``len(trailing)`` dimensions take the *logical* axes
+        ``trailing`` (mapped by the rules) and the dimensions between are
+        whole. Eager host values get the batch split; symbolic (Keras
+        construction) values pass through. DTensor allows "keep this
+        dimension's split" on one dimension only, hence the batch alone."""
+        if isinstance(x, keras.KerasTensor) or not isinstance(x, (tf.Tensor, tf.Variable, np.ndarray)):
+            return x
+        rank = len(x.shape)
+        if rank == 0:
+            return x
+        axes = tuple(self._logical_rules.axis_for(a) for a in trailing)
+        if len(axes) >= rank:  # no batch dim left to keep
+            return self.place(x, axes[len(axes) - rank:])
+        first = KEEP
+        if tf.executing_eagerly() and not _dtensor.is_dtensor(x):
+            first = self.batch_spec(tuple(x.shape))[0]
+        return self.place(x, (first,) + (None,) * (rank - 1 - len(axes)) + axes)
 
     def compute_spec(self, spec):
         """The layout a layer computes with, for a weight stored as ``spec``.
@@ -291,16 +293,14 @@ class Strategy:
         return tuple(None if axis == self._data_axis else axis for axis in spec)
 
     def output_spec(self, path, shape):
-        """The validated activation spec for ``path`` (``"<layer>/output"``)
-        of a tensor with ``shape``, or None when no output rule matches
-        (see :meth:`activation_spec`)."""
-        rule = self._output_rules.match_rule(path, what="Layer output")
+        """The validated activation spec the plan gives ``path`` (``"<layer
+        path>/output"``) for a tensor with ``shape``, or None (see
+        :meth:`activation_spec`)."""
+        rule = self._plan.output_rule(path)
         if rule is None:
             return None
-        pattern, spec = rule
-        return self.activation_spec(
-            spec, shape, name=f"Layer output {path!r} (layout rule {pattern!r})"
-        )
+        key, spec = rule
+        return self.activation_spec(spec, shape, name=f"Layer output {path!r} (plan entry {key!r})")
 
     def activation_spec(self, spec, shape, *, name):
         """``spec`` validated for an activation of ``shape`` (any batch
@@ -359,6 +359,8 @@ class Strategy:
             return x  # symbolic (functional-model construction): shapes only
         layout = self.dtensor_layout(spec)
         if not tf.executing_eagerly():
+            if not tf.is_tensor(x):
+                x = tf.constant(x)  # a constant, laid out once on the mesh
             return _dtensor.relayout(x, layout)
         if _dtensor.is_dtensor(x):
             if _dtensor.layout_of(x) == layout:
@@ -444,8 +446,7 @@ class StrategyBuilder:
         self._tensor_axis = None
         self._optimizer_state_axis = None
         self._rules = LogicalRules()
-        self._paths = PathRules()
-        self._outputs = PathRules()
+        self._plan = Plan()
         self._random_streams = "global"
 
     def _check_axis(self, method, axis):
@@ -508,10 +509,28 @@ class StrategyBuilder:
         self._rules.check_axes(self._mesh)
         return self
 
+    def plan(self, plan):
+        """Add plan entries: a :class:`tfshard.Plan` or a dict from a layer
+        path regex (or layer class) to a style, and from a variable path
+        regex or ``"<layer path regex>/output"`` to a spec::
+
+            .plan({".*ffn_in": ColumnParallel(), ".*ffn_out": RowParallel(),
+                   "head/kernel": (None, "model")})
+        """
+        self._plan.update(plan)
+        self._plan.check_axes(self._mesh)
+        return self
+
     def shard(self, pattern, spec):
-        """Lay out every variable whose path fully matches ``pattern``."""
-        self._paths.add(pattern, spec)
-        self._paths.check_axes(self._mesh)
+        """Lay out every variable whose path fully matches ``pattern`` as
+        ``spec`` (a plan entry)."""
+        if isinstance(pattern, str) and pattern.endswith("/output"):
+            raise StrategyError(
+                f"shard({pattern!r}, ...): a path ending in /output names a layer's "
+                "output; use shard_output for activations."
+            )
+        self._plan.add(pattern, spec)
+        self._plan.check_axes(self._mesh)
         return self
 
     def shard_output(self, pattern, spec):
@@ -519,16 +538,14 @@ class StrategyBuilder:
         fully matches ``pattern`` (keras ``LayoutMap``'s activation keys),
         e.g. ``.shard_output("decoder_.*/ffn_in/output", ("batch", None,
         "model"))``. The batch dimension keeps its own sharding."""
-        self._outputs.add(pattern, spec)
-        self._outputs.check_axes(self._mesh)
-        return self
-
-    def _use_path_rules(self, variables, outputs):
-        """Replace the variable and output path rules with objects that
-        follow :class:`PathRules`'s protocol (``match_rule``, ``add``,
-        ``copy``, ``check_axes``); ``from_keras`` passes live views of a
-        keras LayoutMap."""
-        self._paths, self._outputs = variables, outputs
+        if not (isinstance(pattern, str) and pattern.endswith("/output")):
+            raise StrategyError(
+                f"shard_output({pattern!r}, ...): the pattern matches "
+                "'<layer path>/output'; end it with '/output', e.g. "
+                f"{str(pattern) + '/output'!r}."
+            )
+        self._plan.add(pattern, spec)
+        self._plan.check_axes(self._mesh)
         return self
 
     @classmethod
@@ -555,9 +572,8 @@ class StrategyBuilder:
         rules = completed_rules(self._rules, self._data_axis, self._tensor_axis)
         rules.check_axes(self._mesh)
         return Strategy(
-            self._mesh, self._data_axis, self._tensor_axis, rules, self._paths.copy(),
+            self._mesh, self._data_axis, self._tensor_axis, rules, self._plan.copy(),
             optimizer_state_axis=self._optimizer_state_axis,
-            output_rules=self._outputs.copy(),
             random_streams=self._random_streams,
         )
 

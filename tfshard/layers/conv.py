@@ -43,7 +43,6 @@ import tensorflow as tf
 
 from tfshard.errors import ShardingError
 from tfshard.layers.base import ShardedLayerMixin
-from tfshard.layout import KEEP
 
 SPLITS = ("output", "input")
 
@@ -121,11 +120,6 @@ class _ChannelParallelConvMixin(ShardedLayerMixin):
             return {"kernel": spatial + (None, self.logical_dim), "bias": (self.logical_dim,)}
         return {"kernel": spatial + (self.logical_dim, None), "bias": (None,)}
 
-    def _keep_batch(self, x, spec):
-        """Lay out ``x``: the batch dim keeps its sharding, the others take
-        ``spec``."""
-        return self.sharding_strategy.place(x, (KEEP,) + tuple(spec))
-
     def _pin_grad_layout(self, variable):
         """Read ``variable``; its gradient takes the variable's layout.
 
@@ -167,13 +161,9 @@ class _ChannelParallelConvMixin(ShardedLayerMixin):
                 )
 
     def _sharded_conv(self, inputs, kernel):
-        axis = self._mesh_axis(self.logical_dim)
+        constrain, split = self.sharding_strategy.constrain, (self.logical_dim,)
         rank = self.rank
-        x = inputs
-        if self.split == "output" and not self._depthwise:
-            x = self._keep_batch(x, (None,) * rank + (None,))
-        else:
-            x = self._keep_batch(x, (None,) * rank + (axis,))
+        x = constrain(inputs, () if self.split == "output" and not self._depthwise else split)
         pads, dims = [[0, 0]], []
         for d in range(rank):
             out, before, after = keras_pads(
@@ -197,15 +187,13 @@ class _ChannelParallelConvMixin(ShardedLayerMixin):
             k = tf.reshape(kernel, (taps,) + tuple(kernel.shape[-2:]))
             y = tf.einsum(f"z{s}tc,tcm->z{s}cm", cols, k)
             y = tf.reshape(y, tuple(y.shape[:-2]) + (y.shape[-2] * y.shape[-1],))
-            return self._keep_batch(y, (None,) * rank + (axis,))
+            return constrain(y, split)
         k = tf.reshape(kernel, (taps,) + tuple(kernel.shape[-2:]))
         # split="input": contracts the sharded cin -> partial sums, one all-reduce
         y = tf.einsum(f"z{s}tc,tco->z{s}o", cols, k)
-        return self._keep_batch(y, (None,) * rank + (axis if self.split == "output" else None,))
+        return constrain(y, split if self.split == "output" else ())
 
     def call(self, inputs):
-        if self._computes_unsplit:
-            return super().call(inputs)
         self._check_sharded_call(inputs)
         outputs = self._sharded_conv(inputs, self.kernel)
         if self.use_bias:

@@ -1,20 +1,25 @@
 """Megatron-style column- and row-parallel Dense layers.
 
-A Column -> Row pair is the tensor-parallel MLP: the column layer splits the
+Each is ``keras.layers.Dense`` carrying a style (:mod:`tfshard.styles`):
+the same weights, arguments and math, split as the style declares. A
+Column -> Row pair is the tensor-parallel MLP: the column layer splits the
 hidden units over the tensor axis, the row layer contracts over them, and one
-all-reduce joins the partial sums.
+all-reduce joins the partial sums. ``keras.layers.Dense`` under a plan entry
+``ColumnParallel()`` / ``RowParallel()`` is the same split.
 """
 
 from __future__ import annotations
 
 import keras
 
-from tfshard.layers.base import ShardedLayerMixin
+from tfshard.layers.base import StyledLayer
+from tfshard.styles import ColumnParallel, RowParallel
 
 
 @keras.saving.register_keras_serializable(package="tfshard")
-class ColumnParallelDense(ShardedLayerMixin, keras.layers.Dense):
-    """``keras.layers.Dense`` with its output units split over the tensor axis.
+class ColumnParallelDense(StyledLayer, keras.layers.Dense):
+    """``keras.layers.Dense`` with its output units split over the tensor axis
+    (style :class:`tfshard.styles.ColumnParallel`).
 
     kernel ``(None, tp)``, bias ``(tp,)``. The input is used whole (replicated
     over the tensor axis); the output stays sharded on its last dimension
@@ -36,16 +41,9 @@ class ColumnParallelDense(ShardedLayerMixin, keras.layers.Dense):
         self.gather_output = bool(gather_output)
         self.logical_dim = logical_dim
 
-    def weight_logical_axes(self):
-        return {"kernel": (None, self.logical_dim), "bias": (self.logical_dim,)}
-
-    def call(self, inputs, training=None):
-        if self._computes_unsplit:
-            return super().call(inputs, training=training)
-        x = self._constrain(inputs, (None,))
-        y = super().call(x, training=training)
-        out = None if self.gather_output else self._mesh_axis(self.logical_dim)
-        return self._constrain(y, (out,))
+    @property
+    def tfshard_style(self):
+        return ColumnParallel(dim=self.logical_dim, gather_output=self.gather_output)
 
     def get_config(self):
         config = super().get_config()
@@ -54,9 +52,10 @@ class ColumnParallelDense(ShardedLayerMixin, keras.layers.Dense):
 
 
 @keras.saving.register_keras_serializable(package="tfshard")
-class RowParallelDense(ShardedLayerMixin, keras.layers.Dense):
+class RowParallelDense(StyledLayer, keras.layers.Dense):
     """``keras.layers.Dense`` with its input features split over the tensor
-    axis; the partial products are all-reduced.
+    axis; the partial products are all-reduced (style
+    :class:`tfshard.styles.RowParallel`).
 
     kernel ``(tp, None)``, bias replicated, output replicated over the tensor
     axis.
@@ -79,20 +78,11 @@ class RowParallelDense(ShardedLayerMixin, keras.layers.Dense):
         self.input_is_parallel = bool(input_is_parallel)
         self.logical_dim = logical_dim
 
-    def weight_logical_axes(self):
-        return {"kernel": (self.logical_dim, None), "bias": (None,)}
-
-    def call(self, inputs, training=None):
-        if self._computes_unsplit:
-            return super().call(inputs, training=training)
-        x = self._constrain(inputs, (self._mesh_axis(self.logical_dim),))
-        # matmul contracts the sharded dim: partial sums, all-reduced by DTensor
-        y = super().call(x, training=training)
-        return self._constrain(y, (None,))
+    @property
+    def tfshard_style(self):
+        return RowParallel(dim=self.logical_dim)
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            input_is_parallel=self.input_is_parallel, logical_dim=self.logical_dim
-        )
+        config.update(input_is_parallel=self.input_is_parallel, logical_dim=self.logical_dim)
         return config

@@ -121,8 +121,6 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
 
     # ---------------------------------------------------------------- call
     def call(self, inputs):
-        if self._computes_unsplit:
-            return super().call(inputs)
         if self.quantization_mode or self.lora_enabled:
             raise UnsupportedFeatureError(
                 f"{type(self).__name__} {self.name!r}: quantization_mode="
@@ -133,21 +131,22 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
             )
         if inputs.dtype != "int32" and inputs.dtype != "int64":
             inputs = ops.cast(inputs, "int32")
-        ids = self._constrain(inputs, ())
+        strategy = self.sharding_strategy
+        ids = strategy.constrain(inputs, ())
         axis, size = self._split()
         table = self.embeddings
         if self.shard_dim == "embedding" or axis is None:
             # Rows whole on every device: an ordinary gather, split (or not)
             # on the embedding dim like the table.
             out = ops.take(table, ids, axis=0)
-            out = self._constrain(out, (axis,))
+            out = strategy.constrain(out, (self.logical_dim,))
             return ops.cast(out, self.compute_dtype)
         rows = self.input_dim // size
         # (V, D) -> (tp, V/tp, D), split on dim 0: one slab per device.
         slabs = ops.reshape(table, (size, rows, self.output_dim))
-        slabs = self.sharding_strategy.place(slabs, (axis, None, None))
-        out = masked_local_lookup(self.sharding_strategy, slabs, ids, axis, size, rows)
-        out = self._constrain(out, ())
+        slabs = strategy.place(slabs, (axis, None, None))
+        out = masked_local_lookup(strategy, slabs, ids, axis, size, rows)
+        out = strategy.constrain(out, ())
         return ops.cast(out, self.compute_dtype)
 
     def attend(self, hidden):
@@ -162,14 +161,14 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
         table = ops.cast(self.embeddings, hidden.dtype)
         if self._computes_unsplit:
             return ops.matmul(hidden, ops.transpose(table))
-        axis, _ = self._split()
+        strategy, split = self.sharding_strategy, (self.logical_dim,)
         if self.shard_dim == "vocab":
-            hidden = self._constrain(hidden, ())
+            hidden = strategy.constrain(hidden, ())
             logits = ops.einsum(_tied_equation(hidden), hidden, table)
-            return self._constrain(logits, (axis,))
-        hidden = self._constrain(hidden, (axis,))
+            return strategy.constrain(logits, split)
+        hidden = strategy.constrain(hidden, split)
         logits = ops.einsum(_tied_equation(hidden), hidden, table)
-        return self._constrain(logits, ())
+        return strategy.constrain(logits, ())
 
     tied_logits = attend
 

@@ -400,25 +400,25 @@ class ExpertParallelMoE(ShardedLayerMixin, keras.layers.Layer):
         self.built = True
 
     # ---------------------------------------------------------------- call
-    def call(self, inputs):
-        if self._computes_unsplit:
-            y, aux_loss = reference_moe(
-                inputs,
-                self.router_kernel,
-                self.expert_in_kernel,
-                self.expert_out_kernel,
-                top_k=self.top_k,
-                capacity_factor=self.capacity_factor,
-                group_size=self._resolved_group_size,
-                activation=self.activation,
-            )
-        else:
-            y, aux_loss = self._sharded_call(inputs)
+    def unsplit_call(self, inputs):
+        """The plain math (:func:`reference_moe`), when nothing is split."""
+        y, aux_loss = reference_moe(
+            inputs,
+            self.router_kernel,
+            self.expert_in_kernel,
+            self.expert_out_kernel,
+            top_k=self.top_k,
+            capacity_factor=self.capacity_factor,
+            group_size=self._resolved_group_size,
+            activation=self.activation,
+        )
         self.add_loss(self.aux_loss_weight * aux_loss)
         return y
 
-    def _place(self, x, spec):
-        return self.sharding_strategy.place(x, spec)
+    def call(self, inputs):
+        y, aux_loss = self._sharded_call(inputs)
+        self.add_loss(self.aux_loss_weight * aux_loss)
+        return y
 
     def _sharded_call(self, inputs):
         expert_axis, group_axis, ff_axis = self._axes()
@@ -428,9 +428,10 @@ class ExpertParallelMoE(ShardedLayerMixin, keras.layers.Layer):
         size, groups = self._resolved_group_size, self._groups_per_example
         model_dim = int(inputs.shape[-1])
 
+        place = self.sharding_strategy.place
         x = ops.cast(inputs, dtype)
         if tf.executing_eagerly() and not _dtensor.is_dtensor(x):
-            x = self._constrain(x, (None,) * (len(x.shape) - 1))  # host value: split the batch
+            x = self.sharding_strategy.constrain(x, ())  # host value: split the batch
         # (No relayout of a DTensor input here: a second relayout next to the
         # one below makes DTensor's layout propagation reject the gradient
         # ("output layout of Relayout op ... does not match") when the input
@@ -438,7 +439,7 @@ class ExpertParallelMoE(ShardedLayerMixin, keras.layers.Layer):
         # (B, groups, S, M); the groups split over the expert axis: a local
         # slice, since the tokens arrive whole on it.
         tokens = ops.reshape(x, (-1, groups, size, model_dim))
-        tokens = self._place(tokens, (KEEP, group_axis, None, None))
+        tokens = place(tokens, (KEEP, group_axis, None, None))
 
         # Weights are read as stored (``.value``): an expert split over the
         # data axis is expert parallelism, not a weight to gather for a
@@ -448,25 +449,25 @@ class ExpertParallelMoE(ShardedLayerMixin, keras.layers.Layer):
             for w in (self.router_kernel, self.expert_in_kernel, self.expert_out_kernel)
         )
         logits = ops.einsum("bgsm,me->bgse", tokens, router)
-        logits = self._place(logits, (KEEP, group_axis, None, None))
+        logits = place(logits, (KEEP, group_axis, None, None))
         combine, dispatch, aux_loss = top_k_gating(logits, self.top_k, self.capacity)
-        dispatch = self._place(ops.cast(dispatch, dtype), (KEEP, group_axis, None, None, None))
-        combine = self._place(ops.cast(combine, dtype), (KEEP, group_axis, None, None, None))
+        dispatch = place(ops.cast(dispatch, dtype), (KEEP, group_axis, None, None, None))
+        combine = place(ops.cast(combine, dtype), (KEEP, group_axis, None, None, None))
 
         # Dispatch: local on each device's groups, then the split moves from
         # the token side to the experts: all-to-all over the expert axis.
         local = ops.einsum("bgsec,bgsm->ebgcm", dispatch, tokens)
-        local = self._place(local, (None, KEEP, group_axis, None, None))
+        local = place(local, (None, KEEP, group_axis, None, None))
         routed = local
         if expert_axis is not None:
-            routed = self._place(local, (expert_axis, batch, None, None, None))
+            routed = place(local, (expert_axis, batch, None, None, None))
 
         # Each device runs its own experts; a split d_ff is contracted by the
         # second einsum: all-reduce over ff_axis (Megatron's row-parallel sum).
         hidden = ops.einsum("ebgcm,emh->ebgch", routed, expert_in)
-        hidden = self.activation(self._place(hidden, (expert_axis, batch, None, None, ff_axis)))
+        hidden = self.activation(place(hidden, (expert_axis, batch, None, None, ff_axis)))
         out = ops.einsum("ebgch,ehm->ebgcm", hidden, expert_out)
-        out = self._place(out, (expert_axis, batch, None, None, None))
+        out = place(out, (expert_axis, batch, None, None, None))
 
         # Combine: back to the token-side split (the second all-to-all),
         # then a local weighted sum over each token's experts and slots.
@@ -476,8 +477,8 @@ class ExpertParallelMoE(ShardedLayerMixin, keras.layers.Layer):
         if group_axis is not None:
             # Tokens whole on the expert axis again, as they came in: an
             # all-gather of the output groups over it.
-            y = self._place(y, (KEEP, group_axis, None, None))
-        y = self._place(y, (KEEP, None, None, None))
+            y = place(y, (KEEP, group_axis, None, None))
+        y = place(y, (KEEP, None, None, None))
         y = ops.reshape(y, ops.shape(x))
         return y, _gradient_on_mesh(self.sharding_strategy, aux_loss)
 

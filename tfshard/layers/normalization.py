@@ -1,7 +1,7 @@
 """Layer and RMS normalization over a hidden dimension that may be split.
 
-Both layers normalize over the last axis like their Keras counterparts and
-declare their weights with the logical dimension ``d_model``. By default
+Each is its Keras layer carrying the style
+:class:`tfshard.styles.HiddenParallel` (logical ``d_model``). By default
 ``d_model`` is replicated (``tensor_parallel`` does not map it), and the
 layers are Keras's own math on whole rows. With the rule
 ``{"d_model": "model"}`` the hidden dimension of the activations and of
@@ -13,8 +13,8 @@ its slice, and the per-row statistics are the only communication:
 * ``ShardedRMSNormalization``: the mean square is one all-reduce.
 
 The activation keeps the split, so a chain of element-wise ops and norms on
-the hidden dimension (sequence of residual adds, dropout, norms) moves no
-activations between devices.
+the hidden dimension (residual adds, dropout, norms) moves no activations
+between devices.
 """
 
 from __future__ import annotations
@@ -22,33 +22,26 @@ from __future__ import annotations
 import keras
 
 from tfshard.errors import ShardingError
-from tfshard.layers.base import ShardedLayerMixin
+from tfshard.layers.base import StyledLayer
+from tfshard.styles import HiddenParallel
 
 
-class _HiddenShardedNorm(ShardedLayerMixin):
-    """Shared: logical axes of the weights, divisibility check, layouts."""
-
+class _HiddenShardedNorm(StyledLayer):
     logical_dim = "d_model"
 
-    def _normalizes_last_axis_only(self, rank=None):
-        axes = self.axis if isinstance(self.axis, (list, tuple)) else [self.axis]
-        if len(axes) != 1:
-            return False
-        axis = axes[0]
-        return axis == -1 or (rank is not None and axis == rank - 1)
+    @property
+    def tfshard_style(self):
+        return HiddenParallel(dim=self.logical_dim)
 
-    def _weight_axes(self, names):
-        if self._normalizes_last_axis_only(getattr(self, "_rank", None)):
-            return {name: (self.logical_dim,) for name in names}
-        rank = len(self.axis) if isinstance(self.axis, (list, tuple)) else 1
-        return {name: (None,) * rank for name in names}
+    def build(self, input_shape):
+        self._rank = len(input_shape)
+        self._check_hidden(input_shape)
+        super().build(input_shape)
 
     def _check_hidden(self, input_shape):
         strategy = self.sharding_strategy
         axis = self._mesh_axis(self.logical_dim)
-        if strategy is None or axis is None:
-            return
-        if not self._normalizes_last_axis_only(len(input_shape)):
+        if strategy is None or axis is None or not self.logical_axes:
             return  # multi-axis normalization keeps its weights whole
         hidden = input_shape[-1]
         size = strategy.mesh.axis_size(axis)
@@ -61,17 +54,6 @@ class _HiddenShardedNorm(ShardedLayerMixin):
                 f"the rule {{{self.logical_dim!r}: None}} to keep it whole."
             )
 
-    def _sharded_call(self, inputs, call):
-        if self._computes_unsplit:
-            return call(inputs)
-        rank = len(inputs.shape)
-        if not self._normalizes_last_axis_only(rank):
-            return call(inputs)
-        axis = self._mesh_axis(self.logical_dim)
-        x = self._constrain(inputs, (axis,))
-        # Reductions over the split hidden dim are local sums + all-reduce.
-        return self._constrain(call(x), (axis,))
-
 
 @keras.saving.register_keras_serializable(package="tfshard")
 class ShardedLayerNormalization(_HiddenShardedNorm, keras.layers.LayerNormalization):
@@ -83,16 +65,7 @@ class ShardedLayerNormalization(_HiddenShardedNorm, keras.layers.LayerNormalizat
     split: two all-reduces of the per-row statistics forward; none otherwise.
     """
 
-    def weight_logical_axes(self):
-        return self._weight_axes(("gamma", "beta"))
-
-    def build(self, input_shape):
-        self._rank = len(input_shape)
-        self._check_hidden(input_shape)
-        super().build(input_shape)
-
-    def call(self, inputs):
-        return self._sharded_call(inputs, super().call)
+    _weight_names = ("gamma", "beta")
 
 
 @keras.saving.register_keras_serializable(package="tfshard")
@@ -104,13 +77,4 @@ class ShardedRMSNormalization(_HiddenShardedNorm, keras.layers.RMSNormalization)
     square forward.
     """
 
-    def weight_logical_axes(self):
-        return self._weight_axes(("scale",))
-
-    def build(self, input_shape):
-        self._rank = len(input_shape)
-        self._check_hidden(input_shape)
-        super().build(input_shape)
-
-    def call(self, x):
-        return self._sharded_call(x, super().call)
+    _weight_names = ("scale",)

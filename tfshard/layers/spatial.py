@@ -208,13 +208,6 @@ class _SpatialMixin(ShardedLayerMixin):
             )
         return ha, wa
 
-    def _const(self, array, spec):
-        """A constant laid out as ``spec`` (eager: split on the host)."""
-        strategy = self.sharding_strategy
-        if tf.executing_eagerly():
-            return strategy.place(np.asarray(array), spec)
-        return strategy.place(tf.constant(array), spec)
-
     def _exchange(self, x, dim, plan, spec, gathered):
         """Halo-pad blocks along block dim ``dim`` (rows at ``dim + 1``)."""
         if plan.halo_rows == 0:
@@ -265,7 +258,7 @@ class _SpatialMixin(ShardedLayerMixin):
             shape[dim] = plan.n
             spec = [None] * len(x.shape)
             spec[dim] = mask_spec[dim]  # only the block dim is split
-            m = tf.cast(self._const(mask.reshape(shape), tuple(spec)), x.dtype)
+            m = tf.cast(self.sharding_strategy.place(mask.reshape(shape), tuple(spec)), x.dtype)
             term = _take(x, dim + 1, o, o + plan.window) * m
             out = term if out is None else out + term
         return out
@@ -297,7 +290,7 @@ class _SpatialMixin(ShardedLayerMixin):
             valid = ph.valid_mask()[:, :, None, None] * pw.valid_mask()[None, None, :, :]
             valid = valid.reshape((1, ph.n, ph.padded, pw.n, pw.padded, 1))
             big = np.finfo(x_dtype.as_numpy_dtype).max
-            penalty = self._const((valid - 1.0) * big, (None, ha, None, wa, None, None))
+            penalty = self.sharding_strategy.place((valid - 1.0) * big, (None, ha, None, wa, None, None))
             x = x + tf.cast(penalty, x.dtype)
         const_spec = (None, ha, None, wa, None, None)
         x = self._window(x, 1, ph, const_spec)
@@ -346,8 +339,6 @@ class SpatialParallelConv2D(_SpatialMixin, keras.layers.Conv2D):
         self._init_spatial(height_dim, width_dim)
 
     def call(self, inputs):
-        if self._computes_unsplit:
-            return super().call(inputs)
         if self.groups != 1:
             raise ShardingError(f"{self._layer_name()}: groups={self.groups} is not supported on a mesh; use groups=1.")
         ha, wa = self._spatial_axes()
@@ -375,8 +366,6 @@ class _SpatialPoolMixin(_SpatialMixin):
     _max = True
 
     def call(self, inputs):
-        if self._computes_unsplit:
-            return super().call(inputs)
         ha, wa = self._spatial_axes()
         win, plans, _ = self._blocks(
             inputs, self.pool_size, self.strides, (1, 1), self.padding, mask_invalid=self._max
@@ -400,7 +389,7 @@ class _SpatialPoolMixin(_SpatialMixin):
             if np.all(counts == ph.kernel * pw.kernel):
                 y = y / float(ph.kernel * pw.kernel)
             else:  # "same": padding is not counted (as in TensorFlow)
-                y = y / tf.cast(self._const(counts, (None, ha, None, wa, None, None)), y.dtype)
+                y = y / tf.cast(self.sharding_strategy.place(counts, (None, ha, None, wa, None, None)), y.dtype)
         return self._unblock(y, plans, ha, wa)
 
 
