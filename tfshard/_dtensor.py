@@ -9,6 +9,8 @@ variables to their DVariables with ``tfshard._keras.backend_variable``.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import tensorflow as tf
 from tensorflow.experimental import dtensor
@@ -194,6 +196,102 @@ def to_numpy(x):
             out = np.empty(global_shape, dtype=part.dtype)
         out[_shard_index(layout, global_shape, loc)] = part
     return out
+
+
+def settle(dmesh):
+    """Wait for every pending DTensor op and clear the error a failed one
+    left behind; returns that error (the first that is not a cancellation)
+    or None.
+
+    DTensor runs asynchronously: a function that fails on one device cancels
+    the others, the caller often sees only a ``CancelledError``, and the root
+    error stays queued, to surface at some later op. Copying a tensor off the
+    DTensor device is the one public path into its ``AsyncWait``, which waits
+    on every mesh, reports the root error, clears the per-device executors and
+    renews the cancellation manager (``context.async_clear_error`` does not
+    renew it: every later DTensor op is then cancelled).
+    """
+    layout = dtensor.Layout.replicated(dmesh, 0)
+    with on_host():
+        zeros = [tf.zeros(()) for _ in range(dmesh.num_local_devices())]
+    probe = dtensor.pack(zeros, layout)
+    try:
+        with on_host():
+            tf.identity(probe).numpy()
+    except tf.errors.OpError as err:
+        return err
+    return None
+
+
+def run_replicated(op_names):
+    """Let DTensor run these TensorFlow ops (e.g. ``"ReverseV2"``), which
+    have no SPMD expander, replicated instead of failing: inputs are laid
+    out whole on every device first (a full all-gather when they are split),
+    so results are exact. DTensor reads the setting each time it meets such
+    an op."""
+    for name in op_names:
+        os.environ[f"DTENSOR_ENABLE_REPLICATED_SPMD_AS_DEFAULT_TF.{name.upper()}"] = "1"
+
+
+def resync(variable):
+    """Rewrite a DTensor variable in place from its own value, every copy of
+    a shard taking the one on the first local device that holds it; True when
+    the copies disagreed (NaNs compare equal).
+
+    After a failed step, a variable the step wrote on some devices can read,
+    inside the next function, values other than the ones eager reads return
+    (seen with TF 2.21: the optimizer's iteration count then differs between
+    devices in the next step); an eager write of the value puts it right.
+    """
+    variable = _as_tensor_or_variable(variable)
+    if not isinstance(variable, dtensor.DVariable):
+        return False
+    layout = variable.layout
+    sharded = [axis for axis in spec_of_layout(layout) if axis is not None]
+    first, parts, diverged = {}, [], False
+    for part, location in zip(
+        dtensor.unpack(variable.read_value()), layout.mesh.local_device_locations()
+    ):
+        shard = tuple(location[axis] for axis in sharded)
+        if shard in first:
+            kept = first[shard]
+            diverged = diverged or not np.array_equal(kept.numpy(), part.numpy(), equal_nan=True)
+            part = kept
+        else:
+            first[shard] = part
+        parts.append(part)
+    variable.assign(dtensor.pack(parts, layout))
+    return diverged
+
+
+def complete_collective_groups(dmesh):
+    """Run one all-reduce over every set of ``dmesh``'s axes, so that every
+    collective group DTensor forms on this mesh is complete.
+
+    DTensor gives all collectives over the same mesh axes one group key
+    (``DTENSOR_ENABLE_REUSE_GROUP_KEY``, on by default), and TensorFlow marks
+    a group that is cancelled before all its devices joined it as cancelled
+    for good ("group is cancelled"). So a step that fails before a group's
+    first collective completed would make every later collective over those
+    axes fail, in every program. A group that is complete is never cancelled.
+    """
+    axes = [name for name in dmesh.dim_names if dmesh.dim_size(name) > 1]
+    if not axes:
+        return
+    layout = dtensor.Layout(axes, dmesh)
+    shape = [dmesh.dim_size(name) for name in axes]
+    ones = distribute(np.ones(shape, np.float32), layout)
+    subsets = [
+        [dim for dim in range(len(axes)) if mask >> dim & 1]
+        for mask in range(1, 2 ** len(axes))
+    ]
+
+    @tf.function(autograph=False)
+    def reduce_each(x):
+        return [tf.reduce_sum(x, axis=dims) for dims in subsets]
+
+    for total in reduce_each(ones):
+        to_numpy(total)
 
 
 def conform(value, layout, dtype):
