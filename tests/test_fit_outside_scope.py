@@ -395,3 +395,32 @@ class _Untracked:
 
     def assign_add(self, delta):
         self._variable.assign_add(delta)
+
+
+def test_per_output_metrics_and_losses_made_outside_scope():
+    """A two-output model with per-output metric objects, losses and loss
+    weights, all made before the scope."""
+    x, labels = data()
+    targets_reg = np.random.RandomState(5).randn(N, 3).astype("float32")
+
+    def run(strategy):
+        metrics = {"cls": [keras.metrics.SparseCategoricalAccuracy(name="acc")], "reg": [keras.metrics.MeanAbsoluteError(name="mae"), "mse"]}
+        losses = {"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "reg": keras.losses.MeanSquaredError()}
+        optimizer = keras.optimizers.Adam(0.01)
+        with in_scope(strategy):
+            keras.utils.set_random_seed(0)
+            inputs = keras.Input((D_IN,), name="x")
+            h = keras.layers.Dense(D_FF, activation="relu", name="ffn_in")(inputs)
+            model = keras.Model(
+                inputs, {"cls": keras.layers.Dense(CLASSES, name="cls")(h), "reg": keras.layers.Dense(3, name="reg")(h)}
+            )
+            model.compile(optimizer, losses, metrics=metrics, loss_weights={"cls": 1.0, "reg": 0.5})
+        history = model.fit(
+            x, {"cls": labels, "reg": targets_reg}, batch_size=16, epochs=2, validation_split=0.25, verbose=0
+        )
+        return same_names(history.history)
+
+    expected = run(None)
+    got = run(mesh_strategy((2, 4), rules=(("ffn_in/kernel", (None, "model")),)))
+    assert {"cls_acc", "reg_mae", "reg_mse", "val_cls_acc"} <= set(got)
+    assert_logs_equal(got, expected, "per-output metrics")

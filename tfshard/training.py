@@ -16,6 +16,10 @@ the progress bar, metrics, validation and History stay Keras's own.
 * A final partial batch that the data axis cannot split evenly is replicated
   over the data axis instead: the same loss as plain Keras, no sample dropped.
   A batch *size* that can never split is an error (see ``check_batch_size``).
+* Before a step first runs, everything it touches is put on the mesh, metric
+  objects and optimizers made outside the scope included; a step that fails
+  raises its root error and leaves the process usable
+  (``tfshard.step_guards``).
 """
 
 from __future__ import annotations
