@@ -155,13 +155,20 @@ def test_failed_step_raises_its_root_error_and_the_process_stays_healthy(failure
     assert not [text for text in RAW_TEXT if text in message], message
     assert "process, the strategy and the model remain usable" in message
 
+    # Healthy: the next op, even a plain Keras one, does not meet the error.
+    x, labels = data()
+    assert classifier(seed=3).predict(x, verbose=0).shape == (N, CLASSES)
     mend(cause, (plain, sharded), kernels)
-    # Healthy: copies agree, and the failed step left the weights alone.
+    expected_predictions = plain.predict(x, verbose=0)
+    # Copies agree, and the failed step left the weights alone.
     assert_copies_agree(sharded)
     for p, s in zip(plain.weights, sharded.weights):
         np.testing.assert_allclose(s.numpy(), p.numpy(), err_msg=s.path, **TOL)
-    x, labels = data()
-    np.testing.assert_allclose(sharded.predict(x, batch_size=BATCH, verbose=0), plain.predict(x, verbose=0), **TOL)
+    np.testing.assert_allclose(sharded.predict(x, batch_size=BATCH, verbose=0), expected_predictions, **TOL)
+    if cause == "nan_input":  # a failed predict step raises and recovers too
+        with pytest.raises(tfshard.TfshardError, match="predict step of model 'classifier'"):
+            sharded.predict(x_bad, batch_size=BATCH, verbose=0)
+        np.testing.assert_allclose(sharded.predict(x, batch_size=BATCH, verbose=0), expected_predictions, **TOL)
     with strategy.scope():
         fresh = keras.Variable(np.arange(32.0, dtype="float32").reshape(8, 4))
     fresh.assign(fresh.numpy() + 1.0)

@@ -221,11 +221,14 @@ def step_failures(model, strategy, kind):
     except tf.errors.OpError as err:
         if multi_client.is_multi_client() and isinstance(err, _COLLECTIVE_FAILURES):
             raise multi_client.process_lost_error("A step's collectives", err) from err
-        queued = _dtensor.settle(strategy.mesh._dtensor_mesh)
-        root = err
-        if queued is not None and isinstance(err, tf.errors.CancelledError):
-            root = queued
-        diverged = [v.path for v in step_variables(model).values() if _dtensor.resync(v)]
+        root, diverged = err, []
+        try:  # recovery must never hide the root error
+            queued = _dtensor.settle(strategy.mesh._dtensor_mesh)
+            if queued is not None and isinstance(err, tf.errors.CancelledError):
+                root = queued
+            diverged = [v.path for v in step_variables(model).values() if _dtensor.resync(v)]
+        except Exception:  # noqa: BLE001
+            pass
         raise step_error(model, strategy, kind, root, diverged) from root
 
 
