@@ -99,7 +99,8 @@ def prepare(model, strategy, data, kind):
     initial value even after the step has written it. Variables Keras made
     outside the scope (optimizer iteration count and learning rate, metric
     totals) and metric or optimizer variables a model on another mesh used
-    are moved onto this mesh, replicated.
+    are moved onto this mesh, replicated. (Weights off the mesh were already
+    refused by ``tfshard.training.strategy_of_model``.)
     """
     _complete_collective_groups(strategy)
     _dtensor.run_replicated(REPLICATED_OPS)
@@ -111,9 +112,17 @@ def prepare(model, strategy, data, kind):
     if optimizer is not None and not optimizer.built:
         with strategy._ensure_scope():
             optimizer.build(model.trainable_variables)
+    weights = {id(w) for w in model.weights}
     for variable in step_variables(model).values():
-        if not on_mesh_of(variable, strategy):
-            strategy.adopt_variable(variable)
+        if on_mesh_of(variable, strategy):
+            continue
+        if id(variable) in weights:  # laid out, but for another mesh
+            raise StrategyError(
+                f"Weight {variable.path!r} of model {model.name!r} lives on "
+                f"another mesh than the model's strategy ({strategy.mesh!r}). "
+                "Create every layer of the model under one strategy."
+            )
+        strategy.adopt_variable(variable)
 
 
 def check_metrics(model):
