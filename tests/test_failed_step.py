@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tfshard
-from tfshard import _dtensor
+from tfshard import _dtensor, step_guards
 
 from test_fit_common import D_FF, D_IN, MLP_RULES
 
@@ -238,7 +238,7 @@ def test_input_of_the_wrong_feature_size_then_the_right_one():
 
 def test_resync_gives_every_copy_of_a_shard_the_first_devices_values():
     """After a failure, tfshard rewrites each variable from the copy on the
-    first device holding each shard (tfshard._dtensor.resync)."""
+    first device holding each shard (tfshard.step_guards.resync)."""
     from tensorflow.experimental import dtensor
 
     strategy = fresh_strategy((2, 4), tag="resync")
@@ -246,20 +246,20 @@ def test_resync_gives_every_copy_of_a_shard_the_first_devices_values():
         layer = keras.layers.Dense(D_FF, name="ffn_in")  # column-parallel: 4 shards x 2 copies
         layer.build((None, D_IN))
     variable = layer.kernel
-    assert not _dtensor.resync(variable)  # copies agree: nothing to report
+    assert not step_guards.resync(variable)  # copies agree: nothing to report
     layout = _dtensor.layout_of(variable)
     spec = _dtensor.spec_of_layout(layout)
     locations = layout.mesh.local_device_locations()
     parts = [np.full(tuple(part.shape), float(i), "float32") for i, part in enumerate(_dtensor.unpack(variable))]
     _keras_value(variable).assign(dtensor.pack([tf.constant(p) for p in parts], layout))
-    assert _dtensor.resync(variable)
+    assert step_guards.resync(variable)
     first = {}
     for part, location in zip(_dtensor.unpack(variable), locations):
         shard = tuple(location[axis] for axis in spec if axis is not None)
         first.setdefault(shard, part.numpy())
         np.testing.assert_array_equal(part.numpy(), first[shard])
     assert len(first) == 4
-    assert not _dtensor.resync(variable)
+    assert not step_guards.resync(variable)
 
 
 def _keras_value(variable):

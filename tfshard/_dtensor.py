@@ -233,65 +233,9 @@ def run_replicated(op_names):
         os.environ[f"DTENSOR_ENABLE_REPLICATED_SPMD_AS_DEFAULT_TF.{name.upper()}"] = "1"
 
 
-def resync(variable):
-    """Rewrite a DTensor variable in place from its own value, every copy of
-    a shard taking the one on the first local device that holds it; True when
-    the copies disagreed (NaNs compare equal).
-
-    After a failed step, a variable the step wrote on some devices can read,
-    inside the next function, values other than the ones eager reads return
-    (seen with TF 2.21: the optimizer's iteration count then differs between
-    devices in the next step); an eager write of the value puts it right.
-    """
-    variable = _as_tensor_or_variable(variable)
-    if not isinstance(variable, dtensor.DVariable):
-        return False
-    layout = variable.layout
-    sharded = [axis for axis in spec_of_layout(layout) if axis is not None]
-    first, parts, diverged = {}, [], False
-    for part, location in zip(
-        dtensor.unpack(variable.read_value()), layout.mesh.local_device_locations()
-    ):
-        shard = tuple(location[axis] for axis in sharded)
-        if shard in first:
-            kept = first[shard]
-            diverged = diverged or not np.array_equal(kept.numpy(), part.numpy(), equal_nan=True)
-            part = kept
-        else:
-            first[shard] = part
-        parts.append(part)
-    variable.assign(dtensor.pack(parts, layout))
-    return diverged
-
-
-def complete_collective_groups(dmesh):
-    """Run one all-reduce over every set of ``dmesh``'s axes, so that every
-    collective group DTensor forms on this mesh is complete.
-
-    DTensor gives all collectives over the same mesh axes one group key
-    (``DTENSOR_ENABLE_REUSE_GROUP_KEY``, on by default), and TensorFlow marks
-    a group that is cancelled before all its devices joined it as cancelled
-    for good ("group is cancelled"). So a step that fails before a group's
-    first collective completed would make every later collective over those
-    axes fail, in every program. A group that is complete is never cancelled.
-    """
-    axes = [name for name in dmesh.dim_names if dmesh.dim_size(name) > 1]
-    if not axes:
-        return
-    layout = dtensor.Layout(axes, dmesh)
-    shape = [dmesh.dim_size(name) for name in axes]
-    ones = distribute(np.ones(shape, np.float32), layout)
-    subsets = [
-        [dim for dim in range(len(axes)) if mask >> dim & 1]
-        for mask in range(1, 2 ** len(axes))
-    ]
-
-    @tf.function(autograph=False)
-    def reduce_each(x):
-        return [tf.reduce_sum(x, axis=dims) for dims in subsets]
-
-    for total in reduce_each(ones):
-        to_numpy(total)
+def pack(tensors, layout):
+    """A DTensor from one tensor per local device (in mesh order)."""
+    return dtensor.pack(tensors, layout)
 
 
 def conform(value, layout, dtype):

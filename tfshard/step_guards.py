@@ -11,8 +11,8 @@ Before a model's first step on a mesh (:func:`prepare`):
 * metrics DTensor cannot run raise a clear error first
   (:func:`check_metrics`);
 * every collective group of the mesh is made complete
-  (:func:`tfshard._dtensor.complete_collective_groups`), so that a failed
-  step cannot cancel one for good.
+  (:func:`_complete_collective_groups`), so that a failed step cannot cancel
+  one for good.
 
 When a step fails (:func:`step_failures`), the devices are settled, the
 root error (not a ``CancelledError``) is raised as a :class:`StepError`
@@ -26,6 +26,7 @@ import contextlib
 import re
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfshard import _dtensor, _keras, multi_client
@@ -195,11 +196,67 @@ _MESHES_WITH_COMPLETE_GROUPS = set()
 
 
 def _complete_collective_groups(strategy):
-    dmesh = strategy.mesh._dtensor_mesh
-    key = dmesh.to_string()
-    if key not in _MESHES_WITH_COMPLETE_GROUPS:
-        _dtensor.complete_collective_groups(dmesh)
-        _MESHES_WITH_COMPLETE_GROUPS.add(key)
+    """Once per mesh, run one all-reduce over every set of its axes, so that
+    every collective group DTensor forms on the mesh is complete.
+
+    DTensor gives all collectives over the same mesh axes one group key
+    (``DTENSOR_ENABLE_REUSE_GROUP_KEY``, on by default), and TensorFlow marks
+    a group that is cancelled before all its devices joined it as cancelled
+    for good ("group is cancelled"). A step failing on some devices while the
+    others wait in a group's first collective would make every later
+    collective over those axes fail, in every program. A complete group is
+    never cancelled.
+    """
+    mesh = strategy.mesh
+    key = mesh._dtensor_mesh.to_string()
+    axes = [name for name in mesh.axis_names if mesh.axis_size(name) > 1]
+    if key in _MESHES_WITH_COMPLETE_GROUPS or not axes:
+        return
+    ones = _dtensor.distribute(
+        np.ones([mesh.axis_size(name) for name in axes], np.float32),
+        strategy.dtensor_layout(tuple(axes)),
+    )
+    subsets = [
+        [dim for dim in range(len(axes)) if mask >> dim & 1] for mask in range(1, 2 ** len(axes))
+    ]
+
+    @tf.function(autograph=False)
+    def reduce_over_each_set_of_axes(x):
+        return [tf.reduce_sum(x, axis=dims) for dims in subsets]
+
+    for total in reduce_over_each_set_of_axes(ones):
+        _dtensor.to_numpy(total)
+    _MESHES_WITH_COMPLETE_GROUPS.add(key)
+
+
+def resync(kvar):
+    """Rewrite a variable on a mesh in place from its own value, every copy
+    of a shard taking the one on the first local device that holds it; True
+    when the copies disagreed (NaNs compare equal).
+
+    After a failed step, a variable the step wrote on some devices can read,
+    inside the next function, other values than eager reads return (seen
+    with TF 2.21: the optimizer's iteration count then differed between
+    devices in the next step). An eager write of the value puts it right.
+    """
+    variable = _keras.backend_variable(kvar)
+    if variable is None or not _dtensor.is_dtensor(variable):
+        return False
+    layout = _dtensor.layout_of(variable)
+    sharded = [axis for axis in _dtensor.spec_of_layout(layout) if axis is not None]
+    first, parts, diverged = {}, [], False
+    for part, location in zip(_dtensor.unpack(variable), layout.mesh.local_device_locations()):
+        shard = tuple(location[axis] for axis in sharded)
+        if shard in first:
+            diverged = diverged or not np.array_equal(
+                first[shard].numpy(), part.numpy(), equal_nan=True
+            )
+            part = first[shard]
+        else:
+            first[shard] = part
+        parts.append(part)
+    variable.assign(_dtensor.pack(parts, layout))
+    return diverged
 
 
 # ------------------------------------------------------------------ failures
@@ -218,10 +275,9 @@ def step_failures(model, strategy, kind):
     others, the caller often gets only a ``CancelledError``, and the root
     error stays queued until some later op (even a plain Keras one) reports
     it. The devices are settled at once (:func:`tfshard._dtensor.settle`),
-    and the model's variables rewritten in place
-    (:func:`tfshard._dtensor.resync`). In a multi-client job, a step whose
-    collectives fail because another process is gone raises
-    ``ProcessLostError`` instead.
+    and the model's variables rewritten in place (:func:`resync`). In a
+    multi-client job, a step whose collectives fail because another process
+    is gone raises ``ProcessLostError`` instead.
     """
     try:
         yield
@@ -235,7 +291,7 @@ def step_failures(model, strategy, kind):
             queued = _dtensor.settle(strategy.mesh._dtensor_mesh)
             if queued is not None and isinstance(err, tf.errors.CancelledError):
                 root = queued
-            diverged = [v.path for v in step_variables(model).values() if _dtensor.resync(v)]
+            diverged = [v.path for v in step_variables(model).values() if resync(v)]
         except Exception:  # noqa: BLE001
             pass
         raise step_error(model, strategy, kind, root, diverged) from root
