@@ -293,17 +293,9 @@ def test_predict_on_batch():
 
 
 # ------------------------------------------------------------- metrics
-@pytest.mark.xfail(
-    strict=True,
-    raises=tf.errors.UnknownError,
-    reason=(
-        "BUG: compiling a sharded model with the stock keras.metrics.AUC() makes fit "
-        "fail while DTensor expands the train step: \"'tf.ReverseV2' op does not "
-        "implement layout propagation. Please file a feature request to TF DTensor.\" "
-        "(AUC's threshold bookkeeping runs on the mesh)."
-    ),
-)
 def test_auc_metric_under_fit():
+    """AUC interpolates its thresholds with tf.reverse, which DTensor has no
+    layout rule for; tfshard runs that op replicated (step_guards.REPLICATED_OPS)."""
     x, y = regression_data()
     labels = (y > 0).astype("float32")
 

@@ -221,6 +221,46 @@ def to_numpy(x):
     return out
 
 
+def settle(dmesh):
+    """Wait for every pending DTensor op and clear the error a failed one
+    left behind; returns that error (the first that is not a cancellation)
+    or None.
+
+    DTensor runs asynchronously: a function that fails on one device cancels
+    the others, the caller often sees only a ``CancelledError``, and the root
+    error stays queued, to surface at some later op. Copying a tensor off the
+    DTensor device is the one public path into its ``AsyncWait``, which waits
+    on every mesh, reports the root error, clears the per-device executors and
+    renews the cancellation manager (``context.async_clear_error`` does not
+    renew it: every later DTensor op is then cancelled).
+    """
+    layout = dtensor.Layout.replicated(dmesh, 0)
+    with on_host():
+        zeros = [tf.zeros(()) for _ in range(dmesh.num_local_devices())]
+    probe = dtensor.pack(zeros, layout)
+    try:
+        with on_host():
+            tf.identity(probe).numpy()
+    except tf.errors.OpError as err:
+        return err
+    return None
+
+
+def run_replicated(op_names):
+    """Let DTensor run these TensorFlow ops (e.g. ``"ReverseV2"``), which
+    have no SPMD expander, replicated instead of failing: inputs are laid
+    out whole on every device first (a full all-gather when they are split),
+    so results are exact. DTensor reads the setting each time it meets such
+    an op."""
+    for name in op_names:
+        os.environ[f"DTENSOR_ENABLE_REPLICATED_SPMD_AS_DEFAULT_TF.{name.upper()}"] = "1"
+
+
+def pack(tensors, layout):
+    """A DTensor from one tensor per local device (in mesh order)."""
+    return dtensor.pack(tensors, layout)
+
+
 def conform(value, layout, dtype):
     """An eager ``value`` as a DTensor with ``layout`` (host values are split)."""
     if is_dtensor(value):

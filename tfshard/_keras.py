@@ -144,6 +144,19 @@ def set_keras_mask(x, mask):
     _masking.set_keras_mask(x, mask)
 
 
+def compiled_metric_objects(model):
+    """The metric objects given to ``compile(metrics=..., weighted_metrics=...)``
+    (Trainer._compile_metrics keeps them, unbuilt, until the first step);
+    strings and functions are left out."""
+    compiled = getattr(model, "_compile_metrics", None)
+    if compiled is None:
+        return []
+    found = []
+    for given in (compiled._user_metrics, compiled._user_weighted_metrics):
+        found += [m for m in keras.tree.flatten(given or []) if isinstance(m, keras.metrics.Metric)]
+    return found
+
+
 def set_initial_epoch(model, epoch):
     # Trainer._initial_epoch: fit starts at this epoch when set (as
     # keras.callbacks.BackupAndRestore resumes); None clears it.

@@ -16,11 +16,14 @@ the progress bar, metrics, validation and History stay Keras's own.
 * A final partial batch that the data axis cannot split evenly is replicated
   over the data axis instead: the same loss as plain Keras, no sample dropped.
   A batch *size* that can never split is an error (see ``check_batch_size``).
+* Before a step first runs, everything it touches is put on the mesh, metric
+  objects and optimizers made outside the scope included; a step that fails
+  raises its root error and leaves the process usable
+  (``tfshard.step_guards``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import weakref
 
@@ -29,7 +32,7 @@ import tensorflow as tf
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight as _unpack
 
-from tfshard import _dtensor, _keras, multi_client
+from tfshard import _dtensor, _keras, multi_client, step_guards
 from tfshard.errors import StrategyError
 from tfshard.strategy import VariableLayout, current_strategy, strategy_of_layer
 
@@ -169,19 +172,6 @@ def _process_local(model, kind):
     return _PROCESS_LOCAL_INPUT.get(model, {}).get(kind, False)
 
 
-@contextlib.contextmanager
-def _collective_errors():
-    """In a multi-client job, a step whose collectives fail because another
-    process is gone raises ProcessLostError instead of a raw gRPC error."""
-    try:
-        yield
-    except (tf.errors.UnavailableError, tf.errors.AbortedError,
-            tf.errors.DeadlineExceededError, tf.errors.CancelledError) as err:
-        if not multi_client.is_multi_client():
-            raise
-        raise multi_client.process_lost_error("A step's collectives", err) from err
-
-
 def _to_host(outputs):
     return tree.map_structure(
         lambda y: _dtensor.to_numpy(y) if _dtensor.is_dtensor(y) else y, outputs
@@ -189,16 +179,25 @@ def _to_host(outputs):
 
 
 class _Step:
-    """One compiled step, traced once for every batch size."""
+    """One compiled step per input signature, traced once for every batch
+    size (the batch dimension is left unknown).
 
-    def __init__(self, model, step_fn, strategy):
+    A batch of another feature shape or structure gets its own function, as
+    plain Keras retraces, so a failed call on a wrong input does not leave a
+    function bound to that input. Before a function runs for the first time,
+    every variable it reads or writes must be on the mesh (see
+    :func:`tfshard.step_guards.check_captured_variables`).
+    """
+
+    def __init__(self, model, step_fn, strategy, kind):
         self._model = model
         self._step_fn = step_fn
         self._strategy = strategy
-        self._compiled = None
+        self._kind = kind
+        self._functions = {}
         self.trace_count = 0
 
-    def _build(self, data):
+    def _trace(self, data):
         leaves = tree.flatten(data)
         present = [leaf is not None for leaf in leaves]
         structure = data
@@ -212,46 +211,46 @@ class _Step:
 
         if self._model.run_eagerly:
             return run
-        signature = [
-            tf.TensorSpec((None,) + tuple(leaf.shape[1:]), leaf.dtype)
-            if len(leaf.shape)
-            else tf.TensorSpec((), leaf.dtype)
-            for leaf in leaves
-            if leaf is not None
-        ]
         compiled = tf.function(
-            run, input_signature=signature, jit_compile=False, autograph=False
+            run, input_signature=_signature(data), jit_compile=False, autograph=False
         )
+        return compiled, compiled.get_concrete_function()
+
+    def _build(self, data):
+        model, strategy, kind = self._model, self._strategy, self._kind
+        _ensure_built(model, strategy, data)
+        step_guards.prepare(model, strategy, data, kind)
+        if model.run_eagerly:
+            return self._trace(data)
+        compiled, concrete = self._trace(data)
+        if step_guards.check_captured_variables(model, strategy, kind, concrete):
+            compiled, concrete = self._trace(data)  # now on the mesh
+            step_guards.check_captured_variables(model, strategy, kind, concrete)
         return compiled
 
     def __call__(self, data):
-        if self._compiled is None:
-            _ensure_built(self._model, self._strategy, data)
-            _prepare(self._model, self._strategy)
-            self._compiled = self._build(data)
+        key = _signature_key(data)
+        function = self._functions.get(key)
+        if function is None:
+            function = self._build(data)
+            self._functions[key] = function
         flat = [leaf for leaf in tree.flatten(data) if leaf is not None]
-        return self._compiled(*flat)
+        return function(*flat)
 
 
-def _prepare(model, strategy):
-    """Create, and put on the mesh, every variable a step touches.
+def _signature(data):
+    return [
+        tf.TensorSpec((None,) + tuple(leaf.shape[1:]), leaf.dtype)
+        if len(leaf.shape)
+        else tf.TensorSpec((), leaf.dtype)
+        for leaf in tree.flatten(data)
+        if leaf is not None
+    ]
 
-    The optimizer is built here, eagerly, rather than lazily inside the first
-    traced step: DTensor reads a slot created during that trace as its
-    initial value even after the step has written it, so an update that
-    reads a slot back (Adam, RMSprop, Adagrad, ...) would use stale state.
-    """
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is not None and not optimizer.built:
-        with strategy._ensure_scope():
-            optimizer.build(model.trainable_variables)
-    variables = list(model.variables)
-    if optimizer is not None:
-        variables += list(optimizer.variables)
-    variables += list(getattr(model, "metrics_variables", []))
-    for variable in variables:
-        if not isinstance(_keras.variable_layout(variable), VariableLayout):
-            strategy.adopt_variable(variable)
+
+def _signature_key(data):
+    structure = tree.map_structure(lambda leaf: leaf is not None, data)
+    return repr(structure), tuple(_signature(data))
 
 
 def _ensure_built(model, strategy, data):
@@ -269,16 +268,17 @@ def _iterator_function(model, strategy, step_fn, kind):
     """Keras's ``train_function``/``test_function`` contract: pull up to
     ``steps_per_execution`` batches from the iterator, run the step on each,
     return the last logs (``StopIteration`` when the iterator is empty)."""
-    step = _Step(model, step_fn, strategy)
+    step = _Step(model, step_fn, strategy, kind)
 
     def function(iterator):
         outputs = None
         local = _process_local(model, kind)
-        with _collective_errors():
-            for _, data in zip(range(model.steps_per_execution), iterator):
+        for _, data in zip(range(model.steps_per_execution), iterator):
+            with step_guards.step_failures(model, strategy, kind):
                 outputs = step(shard_batch(strategy, data, local))
-            if outputs is None:
-                raise StopIteration
+        if outputs is None:
+            raise StopIteration
+        with step_guards.step_failures(model, strategy, kind):
             return _to_host(outputs)
 
     function.step = step
@@ -294,11 +294,11 @@ def make_test_function(model, strategy):
 
 
 def make_predict_function(model, strategy):
-    step = _Step(model, model.predict_step, strategy)
+    step = _Step(model, model.predict_step, strategy, "predict")
 
     def function(data):
         local = _process_local(model, "predict")
-        with _collective_errors():
+        with step_guards.step_failures(model, strategy, "predict"):
             outputs = [_to_host(step(shard_batch(strategy, d, local))) for d in data]
         if len(outputs) > 1:
             outputs = [tree.map_structure(lambda *parts: np.concatenate(parts), *outputs)]
@@ -320,6 +320,7 @@ _MAKERS = {
 def _make_function(model, kind, original, force):
     strategy = strategy_of_model(model)
     if strategy is None:
+        step_guards.release_metrics(model)
         return NotImplemented
     attr = f"{kind}_function"
     if getattr(model, attr) is not None and not force:
