@@ -155,8 +155,9 @@ def copy_to_mesh(tensor, layout):
 
 def expand_replicated(op_types):
     """Let DTensor expand TensorFlow ops that have no SPMD expander (e.g.
-    ``StatelessMultinomial``) as replicated ops: each device runs the whole
-    op. Callers must give such ops replicated inputs. DTensor reads one
+    ``StatelessMultinomial``, ``ReverseV2``) as replicated ops: their inputs
+    are laid out whole on every device (an all-gather of what is split) and
+    each device runs the whole op, so results are exact. DTensor reads one
     environment variable per op type when it compiles a function
     (``dtensor_utils.cc``: EnableReplicatedSpmdAsDefault)."""
     for op_type in op_types:
@@ -244,16 +245,6 @@ def settle(dmesh):
     except tf.errors.OpError as err:
         return err
     return None
-
-
-def run_replicated(op_names):
-    """Let DTensor run these TensorFlow ops (e.g. ``"ReverseV2"``), which
-    have no SPMD expander, replicated instead of failing: inputs are laid
-    out whole on every device first (a full all-gather when they are split),
-    so results are exact. DTensor reads the setting each time it meets such
-    an op."""
-    for name in op_names:
-        os.environ[f"DTENSOR_ENABLE_REPLICATED_SPMD_AS_DEFAULT_TF.{name.upper()}"] = "1"
 
 
 def pack(tensors, layout):

@@ -271,9 +271,13 @@ RANDOM_DRAWS = (
     "normal", "uniform", "truncated_normal", "randint", "categorical", "shuffle",
     "gamma", "binomial", "beta",
 )
-# TensorFlow ops without a DTensor SPMD expander that the replacements above
-# run on replicated inputs only (categorical, gamma/beta, binomial draws).
-REPLICATED_OP_TYPES = ("StatelessMultinomial", "StatelessRandomGammaV3", "StatelessRandomBinomial")
+# TensorFlow ops without a DTensor SPMD expander, run replicated (see
+# _dtensor.expand_replicated): the categorical, gamma/beta and binomial
+# draws (their inputs are made whole above anyway), and ReverseV2 (keras
+# AUC's threshold bookkeeping on small replicated metric state, flips).
+REPLICATED_OP_TYPES = (
+    "StatelessMultinomial", "StatelessRandomGammaV3", "StatelessRandomBinomial", "ReverseV2",
+)
 
 
 def install():

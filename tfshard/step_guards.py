@@ -33,13 +33,6 @@ from tfshard import _dtensor, _keras, multi_client
 from tfshard.errors import StrategyError, TfshardError, UnsupportedFeatureError
 from tfshard.strategy import VariableLayout
 
-# Ops Keras's built-in metrics use that DTensor has no layout rule for
-# (AUC and the *AtRecall/*AtPrecision metrics interpolate thresholds with
-# ``tf.reverse``). They run replicated: every input is laid out whole on
-# every device first, so the result is exact; the metrics' inputs are small,
-# replicated metric state. DTensor would otherwise fail the step.
-REPLICATED_OPS = ("ReverseV2",)
-
 
 def _metric_unsupported_reason(metric):
     if isinstance(metric, keras.metrics.IoU):
@@ -104,7 +97,6 @@ def prepare(model, strategy, data, kind):
     refused by ``tfshard.training.strategy_of_model``.)
     """
     _complete_collective_groups(strategy)
-    _dtensor.run_replicated(REPLICATED_OPS)
     if kind in ("train", "test"):
         with strategy._ensure_scope():
             _keras.symbolic_build(model, data)
