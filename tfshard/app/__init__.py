@@ -1,0 +1,1 @@
+"""tfshard's applications, built on the library (which never imports them)."""
