@@ -2,7 +2,8 @@ import keras
 import numpy as np
 import pytest
 import tfshard
-from tfshard.layout import LogicalRules, PathRules, validate_spec
+from tfshard.layout import LogicalRules, validate_spec
+from tfshard.styles import Plan
 
 from conftest import make_strategy
 
@@ -48,16 +49,15 @@ def test_logical_rules_reject_malformed_strings():
         LogicalRules("batch:batch,d_ff")
 
 
-def test_path_rules_fullmatch_and_ambiguity():
-    rules = PathRules()
-    rules.add("dense/kernel", (None, "model"))
-    rules.add(".*/kernel", ("model", None))
-    assert rules.match("x/dense/kernel_2") is None  # fullmatch, not search
-    assert rules.match("x/dense/kernel") == ("model", None)
-    assert rules.match("dense/bias") is None
+def test_plan_paths_fullmatch_exact_first_and_ambiguity():
+    plan = Plan({"dense/kernel": (None, "model"), ".*/kernel": ("model", None), "x/.*": (None, None)})
+    assert plan.variable_spec("y/dense/kernel_2") is None  # fullmatch, not search
+    assert plan.variable_spec("y/dense/kernel") == ("model", None)
+    assert plan.variable_spec("dense/bias") is None
+    assert plan.variable_spec("dense/kernel") == (None, "model")  # an exact key wins (LayoutMap's rule)
     with pytest.raises(tfshard.ShardingError) as err:
-        rules.match("dense/kernel")
-    assert "'dense/kernel'" in str(err.value) and "'.*/kernel'" in str(err.value)
+        plan.variable_spec("x/kernel")
+    assert "'x/kernel'" in str(err.value) and "'.*/kernel'" in str(err.value) and "'x/.*'" in str(err.value)
 
 
 def test_strategy_rejects_unknown_axes(mesh):

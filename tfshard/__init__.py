@@ -18,7 +18,7 @@ from tfshard.errors import (  # noqa: E402
     ProcessLostError,
     UnsupportedFeatureError,
 )
-from tfshard.layout import KEEP, LogicalRules, PathRules, validate_spec  # noqa: E402
+from tfshard.layout import KEEP, LogicalRules, validate_spec  # noqa: E402
 from tfshard.mesh import Mesh, use_virtual_devices  # noqa: E402
 from tfshard import multi_client  # noqa: E402
 from tfshard.multi_client import initialize_multi_client  # noqa: E402
@@ -76,7 +76,6 @@ __all__ = [
     "CheckpointNotFoundError",
     "KEEP",
     "LogicalRules",
-    "PathRules",
     "validate_spec",
     "TfshardError",
     "MeshError",

@@ -68,6 +68,28 @@ def _restore_metric_state(model, saved):
         v.assign(np.asarray(s["value"], dtype=s["dtype"]))
 
 
+def _training_state(path):
+    """The training position ShardedCheckpoint recorded in checkpoint
+    ``path`` (None for a checkpoint from save_checkpoint), validated."""
+    metadata = _checkpoint.read_manifest(path).get("metadata")
+    state = metadata.get(STATE_KEY) if isinstance(metadata, dict) else None
+    if state is None:
+        return None
+    try:
+        position = {key: int(state[key]) for key in ("global_step", "epoch", "batch")}
+    except (KeyError, TypeError, ValueError):
+        raise _checkpoint.CheckpointError(
+            f"Checkpoint {path!r} is corrupt or incomplete: the training position "
+            f"ShardedCheckpoint recorded in its manifest.json (metadata {STATE_KEY!r}) "
+            f"is {state!r}, without integer global_step, epoch and batch. The model was "
+            "not changed. Delete that checkpoint to resume from the one before it."
+        ) from None
+    metrics = state.get("metrics") or []
+    if not isinstance(metrics, list):
+        metrics = []
+    return dict(position, metrics=metrics)
+
+
 class ShardedCheckpoint(keras.callbacks.Callback):
     """Save tfshard checkpoints during ``fit``; resume from the latest one.
 
@@ -132,19 +154,18 @@ class ShardedCheckpoint(keras.callbacks.Callback):
             if iterations is not None:
                 self._global_step = int(np.asarray(iterations.numpy()))
             return
+        state = _training_state(path)  # checked before the model changes
         _checkpoint.restore_checkpoint(self.model, path)
         self.restored_path = path
-        manifest = _checkpoint.read_manifest(path)
-        state = (manifest.get("metadata") or {}).get(STATE_KEY)
         if state is None:
             # A checkpoint from save_checkpoint: weights and optimizer state,
             # no record of the epoch; training starts at epoch 0.
-            self._global_step = int(manifest["step"])
+            self._global_step = int(_checkpoint.read_manifest(path)["step"])
             self._last_saved_step = self._global_step
             return
-        self._global_step = int(state["global_step"])
+        self._global_step = state["global_step"]
         self._last_saved_step = self._global_step
-        epoch, batch = int(state["epoch"]), int(state["batch"])
+        epoch, batch = state["epoch"], state["batch"]
         if epoch:
             _keras.set_initial_epoch(self.model, epoch)
             self._set_initial_epoch = True

@@ -43,6 +43,24 @@ Several processes (multi-client)
     written by process 0. The checkpoint does not record the process count:
     one saved by 2 processes restores in 1, and the other way round.
 
+Broken storage
+    A save records each variable file's size and CRC-32 in the manifest. A
+    restore validates the manifest and checks the files against it before
+    any variable is touched: a missing, truncated or changed file, or a
+    malformed manifest, raises CheckpointError naming the checkpoint, the
+    file and the next newest committed checkpoint, with the model
+    unchanged. A write that fails (no space, a file-size limit, permissions,
+    an I/O error) raises CheckpointWriteError (also an OSError) naming the
+    directory and the cause; nothing is committed, the temporary directory
+    is removed and the previous checkpoint stays the latest. Either way the
+    process keeps working: TensorFlow's and DTensor's error state from the
+    failed op is cleared (see ``_dtensor.settle``). In a
+    multi-client job every process raises the same error, and a write bound
+    to fail on any process is refused on all before it starts: DTensor's
+    save ends in a collective without a timeout, which a process whose
+    write failed midway could not complete (its peers would wait for ever;
+    such a failure, after the checks passed, remains possible).
+
 Validation before restore
     The manifest is compared with the model before any variable is touched.
     Missing or extra variables and shape or dtype differences raise
@@ -69,9 +87,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfshard import multi_client
+from tfshard import _checkpoint_files as files
+from tfshard import _dtensor, multi_client
 from tfshard._version import __version__
-from tfshard.errors import TfshardError
+from tfshard.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
 from tfshard.strategy import current_strategy
 from tfshard.tensors import layout_of
 from tfshard.training import strategy_of_model
@@ -85,6 +109,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointMismatchError",
+    "CheckpointWriteError",
 ]
 
 FORMAT = "tfshard.checkpoint"
@@ -101,33 +126,6 @@ _TRASH_PREFIX = ".trash-ckpt-"
 # "written": the temporary directory is complete, before the rename.
 # "renamed": renamed to ckpt-<step>, before the commit marker is written.
 _HOOKS = {}
-
-
-# ---------------------------------------------------------------- errors
-class CheckpointError(TfshardError):
-    """A checkpoint cannot be written or read as asked."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """No committed checkpoint where one was expected."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """A checkpoint does not fit the model it is restored into.
-
-    ``missing`` (in the model, not in the checkpoint), ``unexpected`` (in the
-    checkpoint, not in the model), ``shape_mismatches`` and
-    ``dtype_mismatches`` hold the Keras paths at fault.
-    """
-
-    def __init__(
-        self, message, missing=(), unexpected=(), shape_mismatches=(), dtype_mismatches=()
-    ):
-        super().__init__(message)
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
-        self.shape_mismatches = list(shape_mismatches)
-        self.dtype_mismatches = list(dtype_mismatches)
 
 
 # ------------------------------------------------------- the variable set
@@ -342,20 +340,62 @@ def _prune(directory, max_to_keep, keep):
         _remove(path)
 
 
+def _older_than(path):
+    """The committed checkpoint saved just before ``path`` (the next newest
+    beside it), or None."""
+    parent, name = os.path.split(os.path.normpath(path))
+    step = _step_of(name)
+    older = [p for p in list_checkpoints(parent) if step is None or _step_of(os.path.basename(p)) < step]
+    return older[-1] if older else None
+
+
+def _corrupt(path, file, problem, *, unchanged=True):
+    """The CheckpointError for a corrupt or incomplete checkpoint at
+    ``path``: the file at fault, the problem, the model's state and the
+    next newest committed checkpoint to use instead."""
+    older = _older_than(path)
+    use = (
+        f"The next newest committed checkpoint is {older!r}: restore that one "
+        f"(restore_checkpoint(model, {older!r})), or delete {path!r} so that it is the latest."
+        if older else
+        f"There is no older committed checkpoint beside it; delete {path!r} and start afresh."
+    )
+    state = (
+        "The model was not changed. " if unchanged else
+        "The model may be partly restored: restore an intact checkpoint before using it. "
+    )
+    where = os.path.join(path, file) if file else f"one of its variable files in {path!r}"
+    return CheckpointError(
+        f"Checkpoint {path!r} is corrupt or incomplete: {where} {problem}. {state}{use}"
+    )
+
+
 def read_manifest(path):
-    """The manifest (a dict) of a committed checkpoint directory."""
+    """The manifest (a dict) of a committed checkpoint directory, validated:
+    valid JSON, an object with the keys tfshard needs. Raises
+    CheckpointError naming the file and the next newest checkpoint."""
     path = os.fspath(path)
     manifest_path = os.path.join(path, MANIFEST)
     try:
         with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
+            text = f.read()
     except FileNotFoundError:
         raise CheckpointNotFoundError(
             f"{path!r} is not a tfshard checkpoint: it has no {MANIFEST}."
         ) from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path!r} is not a tfshard checkpoint manifest.")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
+    except UnicodeDecodeError:
+        raise _corrupt(path, MANIFEST, "is not UTF-8 text") from None
+    except OSError as err:
+        raise _corrupt(path, MANIFEST, f"cannot be read ({err.strerror})") from None
+    manifest, problem = files.manifest_problem(text)
+    if problem is not None:
+        raise _corrupt(path, MANIFEST, problem)
+    if manifest["format"] != FORMAT:
+        raise CheckpointError(
+            f"{manifest_path!r} is not a tfshard checkpoint manifest (format "
+            f"{manifest['format']!r}, expected {FORMAT!r})."
+        )
+    if manifest["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"Checkpoint {path!r} has format version {manifest['format_version']}; "
             f"this tfshard ({__version__}) reads versions up to {FORMAT_VERSION}. "
@@ -468,22 +508,25 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
     # In a multi-client job every process runs this function; process 0
     # alone changes the directory (clean-up, temp dir, rename, marker,
     # pruning) and every process writes its own devices' shards in between.
-    # run_on_chief and all_succeeded are the barriers that order them.
+    # run_on_chief and failures are the barriers that order them. A failure
+    # anywhere raises the same CheckpointWriteError on every process.
     chief = multi_client.is_chief()
     if step is None:
         step = _default_step(model, directory)  # the same on every process
     final = os.path.join(directory, f"ckpt-{step}")
 
     def prepare():
-        os.makedirs(directory, exist_ok=True)
-        _clean_up(directory)
+        with _write_errors(directory, final, latest_checkpoint(directory)):
+            os.makedirs(directory, exist_ok=True)
+            _clean_up(directory)
         if os.path.exists(final):
             raise CheckpointError(
                 f"Checkpoint {final!r} already exists. Pass another step= to "
                 "save_checkpoint, or delete the old checkpoint first."
             )
+        return latest_checkpoint(directory)
 
-    multi_client.run_on_chief("save_checkpoint (prepare)", prepare, error=CheckpointError)
+    previous = multi_client.run_on_chief("save_checkpoint (prepare)", prepare, error=CheckpointError)
 
     _build_optimizer(model, strategy)
     model_entries = _model_entries(model)
@@ -504,47 +547,71 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
         "variables": [e.to_json() for e in entries],
         "metadata": metadata if metadata is not None else {},
     }
-    manifest_text = json.dumps(manifest, indent=1)  # fail before writing anything
+    json.dumps(manifest)  # fail before writing anything
 
     def make_tmp():
         path = os.path.join(directory, f"{_TMP_PREFIX}{step}-{uuid.uuid4().hex[:8]}")
-        os.mkdir(path)
+        with _write_errors(directory, final, previous):
+            os.mkdir(path)
         return path
 
     tmp = multi_client.run_on_chief("save_checkpoint (temp dir)", make_tmp, error=CheckpointError)
     renamed = False
 
     def commit():
+        try:
+            _commit()
+        except BaseException:
+            _remove(final if renamed else tmp)  # before the others hear of it
+            raise
+
+    def _commit():
         nonlocal renamed
-        _write_file(os.path.join(tmp, MANIFEST), manifest_text)
-        _fsync_tree(tmp)
-        _run_hook("written", tmp)
-        os.rename(tmp, final)
-        renamed = True
-        _fsync(directory, directory=True)
-        _run_hook("renamed", final)
-        # The marker appears whole or not at all (written aside, renamed).
-        marker = os.path.join(final, COMMIT_MARKER)
-        _write_file(marker + ".tmp", json.dumps({"step": step}) + "\n")
-        os.rename(marker + ".tmp", marker)
-        _fsync(final, directory=True)
+        with _write_errors(directory, final, previous):
+            # Each variable file's size and checksum, for restore to check.
+            manifest["files"] = files.file_records(tmp)
+            _write_file(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+            _fsync_tree(tmp)
+            _run_hook("written", tmp)
+            os.rename(tmp, final)
+            renamed = True
+            _fsync(directory, directory=True)
+            _run_hook("renamed", final)
+            # The marker appears whole or not at all (written aside, renamed).
+            marker = os.path.join(final, COMMIT_MARKER)
+            _write_file(marker + ".tmp", json.dumps({"step": step}) + "\n")
+            os.rename(marker + ".tmp", marker)
+            _fsync(final, directory=True)
 
     try:
         tracked = {"model": model}
         if optimizer is not None:
             tracked["optimizer"] = optimizer
         root = tf.train.Checkpoint(**tracked)
-        failure = None
-        try:
-            # Sharded variables: each process writes its devices' shards. A
-            # plain model is whole in every process: process 0 writes it.
-            if strategy is not None or chief:
-                with _scope_of(strategy):
-                    root.write(os.path.join(tmp, VARIABLES_PREFIX))
-        except Exception as err:
-            failure = err
+        cause = None
+        if strategy is not None and multi_client.is_multi_client():
+            # DTensor's save ends in a collective over every process, with
+            # no timeout: a process whose write failed could not complete
+            # it and the others would wait for ever. So a write bound to
+            # fail (a file-size limit, too little space, no permission) is
+            # refused on every process before it starts.
+            try:
+                manifest_bytes = len(json.dumps(manifest, indent=1)) if chief else 0
+                largest = max(_device_bytes(entries, strategy), manifest_bytes)
+                cause = files.write_preflight(tmp, largest, sum(_global_bytes(e) for e in entries))
+            except Exception as err:  # reported like a failed check, on every process
+                cause = files.write_cause(err)
+            failed = multi_client.failures("save_checkpoint (preflight)", cause)
+            if failed:
+                raise _write_error(directory, final, previous, failed, tmp=tmp)
+        # Sharded variables: each process writes its devices' shards. A
+        # plain model is whole in every process: process 0 writes it.
+        if strategy is not None or chief:
+            cause = _write_variables(root, os.path.join(tmp, VARIABLES_PREFIX), strategy)
         # Every process's shards are on disk before process 0 commits.
-        multi_client.all_succeeded("save_checkpoint (write)", failure, error=CheckpointError)
+        failed = multi_client.failures("save_checkpoint (write)", cause)
+        if failed:
+            raise _write_error(directory, final, previous, failed, tmp=tmp)
         multi_client.run_on_chief("save_checkpoint (commit)", commit, error=CheckpointError)
     except BaseException:
         if chief:
@@ -553,6 +620,94 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
     if chief:
         _prune(directory, max_to_keep, keep=final)
     return final
+
+
+def _global_bytes(entry):
+    return int(np.prod(entry.shape, dtype=np.int64)) * tf.as_dtype(entry.dtype).size
+
+
+def _device_bytes(entries, strategy):
+    """Bytes of one device's shards of every variable: at most what one
+    device writes into its data file."""
+    total = 0
+    for e in entries:
+        parts = 1
+        for axis in e.spec or ():
+            parts *= strategy.mesh.axis_size(axis) if axis else 1
+        total += _global_bytes(e) // parts
+    return total
+
+
+def _settle(strategy):
+    """Wait for the asynchronous ops a save or restore started; clear the
+    error state a failed one leaves (so the next op, fit or save works).
+    Returns the error a pending op failed with, or None."""
+    if strategy is None:
+        from tensorflow.python.eager import context
+
+        context.context().clear_executor_errors()
+        return None
+    return _dtensor.settle(strategy.mesh._dtensor_mesh)
+
+
+def _write_variables(root, prefix, strategy):
+    """Write the variable files; returns None, or the failure's
+    ``[cause in words, errno, fix]`` (it is sent to the other processes)."""
+    try:
+        if strategy is not None:
+            # A failed write must not cancel the save's collective group for
+            # good: form it first (see _dtensor.complete_collective_groups).
+            _dtensor.complete_collective_groups(strategy.mesh._dtensor_mesh)
+        with _scope_of(strategy):
+            root.write(prefix)
+        error = _settle(strategy)
+    except Exception as err:  # TensorFlow's or the OS's: worded below
+        _settle(strategy)
+        error = err
+    return None if error is None else list(files.write_cause(error))
+
+
+def _write_error(directory, final, previous, failed, tmp=None):
+    """The CheckpointWriteError of a save that failed on the processes in
+    ``failed`` ({process: [cause, errno, fix]}): the same on every process.
+    With ``tmp``, process 0 first removes that temporary directory, and
+    every process waits for it, so that what the error says holds when any
+    process raises it."""
+    if tmp is not None:
+        if multi_client.is_chief():
+            _remove(tmp)
+        multi_client.barrier("save_checkpoint (cleaned up)")
+    causes = sorted(failed.items())
+    (_, (cause, code, fix)) = causes[0]
+    if not multi_client.is_multi_client():
+        where = ""
+    elif len({c for _, (c, _, _) in causes}) == 1:
+        every = len(causes) == multi_client.num_clients()
+        where = " on every process" if every else " on process " + ", ".join(str(r) for r, _ in causes)
+    else:
+        where = ""
+        cause = "; ".join(f"process {r}: {c}" for r, (c, _, _) in causes)
+    still = (
+        f"the latest checkpoint is still {previous!r}" if previous
+        else "there is no committed checkpoint there yet"
+    )
+    return CheckpointWriteError(
+        f"save_checkpoint: writing {os.path.basename(final)} in {directory!r} failed{where}: "
+        f"{cause}. Nothing was committed and its temporary files are removed; {still}. "
+        f"To save, {fix}.",
+        errno=code,
+    )
+
+
+@contextlib.contextmanager
+def _write_errors(directory, final, previous):
+    """An OSError in this block becomes a CheckpointWriteError."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise _write_error(directory, final, previous, {0: list(files.write_cause(err))}) from err
 
 
 # --------------------------------------------------------------- restore
@@ -617,7 +772,7 @@ def _raise_mismatch(path, model, problems, hint):
     )
 
 
-def restore_checkpoint(model, directory_or_path, *, weights_only=False):
+def restore_checkpoint(model, directory_or_path, *, weights_only=False, verify=True):
     """Restore ``model`` from a checkpoint, onto whatever mesh and layout
     the model has (or into a plain model).
 
@@ -629,6 +784,9 @@ def restore_checkpoint(model, directory_or_path, *, weights_only=False):
             alone. Otherwise the optimizer state is restored too when both
             the model and the checkpoint have one (the optimizer is built
             first if it has no slots yet).
+        verify: check every variable file's CRC-32 against the manifest
+            before reading (one more read of the files). Their presence and
+            sizes are always checked.
 
     Returns:
         The path of the checkpoint restored.
@@ -637,6 +795,11 @@ def restore_checkpoint(model, directory_or_path, *, weights_only=False):
         CheckpointNotFoundError: no committed checkpoint there.
         CheckpointMismatchError: the checkpoint is another model's (missing or
             extra variables, other shapes or dtypes). The model is unchanged.
+        CheckpointError: the checkpoint is corrupt or incomplete (a missing,
+            truncated or changed file, a malformed manifest); the message
+            names the file and the next newest committed checkpoint. Found
+            before the read, the model is unchanged; a read that fails
+            anyway (an I/O error) may leave it partly restored.
     """
     _check_model(model, "restore_checkpoint")
     if not tf.executing_eagerly():
@@ -692,7 +855,29 @@ def restore_checkpoint(model, directory_or_path, *, weights_only=False):
     if optimizer is not None:
         root_children["optimizer"] = optimizer
     root = tf.train.Checkpoint(**root_children)
-    with _scope_of(strategy):
-        status = root.read(os.path.join(path, manifest.get("variables_prefix", VARIABLES_PREFIX)))
+    prefix = manifest.get("variables_prefix", VARIABLES_PREFIX)
+    if not isinstance(prefix, str) or not prefix or os.sep in prefix:
+        raise _corrupt(path, MANIFEST, f"has variables_prefix={prefix!r}, not a file name prefix")
+
+    def check_files():  # on process 0 only: one read of a shared directory
+        try:
+            problem = files.file_problem(path, manifest, prefix, checksums=verify)
+        except OSError as err:
+            problem = (os.path.basename(err.filename or "") or None, f"cannot be read ({err.strerror})")
+        if problem is not None:
+            raise _corrupt(path, *problem)
+
+    multi_client.run_on_chief("restore_checkpoint (check files)", check_files, error=CheckpointError)
+    try:
+        if strategy is not None:
+            _dtensor.complete_collective_groups(strategy.mesh._dtensor_mesh)  # as for a save
+        with _scope_of(strategy):
+            status = root.read(os.path.join(path, prefix))
+        error = _settle(strategy)  # DTensor reads asynchronously: wait for the values
+    except Exception as err:  # TensorFlow's read error: worded below
+        _settle(strategy)
+        error = err
+    if error is not None:
+        raise _corrupt(path, *files.read_problem(error, path, prefix), unchanged=False) from error
     status.expect_partial()  # skipped parts (e.g. the optimizer) are intended
     return path

@@ -29,8 +29,16 @@ def _positive(kind):
     return parse
 
 
+def _add_debug(parser, default):
+    parser.add_argument(
+        "-v", "--debug", action="store_true", default=default,
+        help="show the full traceback of an error (also: TFSHARD_DEBUG=1)",
+    )
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="tfshard", description=__doc__.splitlines()[0])
+    _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("train", "train a config, print layouts and memory, write metrics.json"),
@@ -40,6 +48,7 @@ def _parser():
                   "meshes, against plain Keras on one device in the same run"),
     ):
         cmd = sub.add_parser(name, help=text, description=text)
+        _add_debug(cmd, argparse.SUPPRESS)
         cmd.add_argument("config", help="a YAML file, e.g. configs/transformer_2x4.yaml")
         cmd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override a config key (repeatable), e.g. --set train.steps=50")
@@ -64,6 +73,7 @@ def _add_launch(sub):
             "(loopback only), output prefixed by rank")
     cmd = sub.add_parser("launch", help=text, description=text,
                          usage="tfshard launch --processes N [--devices-per-process K] -- COMMAND ...")
+    _add_debug(cmd, argparse.SUPPRESS)
     cmd.add_argument("--processes", type=int, required=True, help="number of processes")
     cmd.add_argument("--devices-per-process", type=int, metavar="K",
                      help="virtual CPUs (or GPUs) each process brings")
@@ -75,33 +85,61 @@ def _add_launch(sub):
 
 
 def _launch(args):
-    from tfshard.errors import MultiClientError
     from tfshard.launch import launch
 
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    try:
-        return launch(command, args.processes, args.devices_per_process,
-                      device_type=args.device_type, grace=args.grace, timeout=args.timeout)
-    except MultiClientError as err:
-        print(f"tfshard: error: {err}", file=sys.stderr)
-        return 2
+    return launch(command, args.processes, args.devices_per_process,
+                  device_type=args.device_type, grace=args.grace, timeout=args.timeout)
+
+
+def one_line(error):
+    """An error's message on one line (``tfshard: error: ...`` is one line
+    whatever the message: a list of mismatched variables, a YAML error)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = ""
+    for line in lines:
+        text += line if not text else (" " if text.endswith(":") else "; ") + line
+    return text or type(error).__name__
+
+
+def _report(error, debug):
+    """Print ``tfshard: error: <message>`` (one line; the traceback too with
+    --debug) and return the exit code: 2 for bad input (a TfshardError), 1
+    for a failure met while running (a lost process, an OSError)."""
+    import traceback
+
+    from tfshard import multi_client
+    from tfshard.errors import TfshardError
+
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"tfshard: error: {one_line(error)}", file=sys.stderr, flush=True)
+    multi_client.exiting_on_error()  # no exit barrier: the job cannot go on
+    return 2 if isinstance(error, TfshardError) else 1
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
-    if args.command == "launch":
-        return _launch(args)
-    from tfshard import config as config_lib
-    from tfshard.checkpoint import CheckpointError
+    """The ``tfshard`` command. Every error a user can cause or meet (a
+    TfshardError: config, mesh, layout, checkpoint...; a lost process; an
+    OSError) ends in one ``tfshard: error: ...`` line and exit code 2 (1 for
+    failures that are not bad input); ``-v``/``--debug`` adds the traceback."""
+    import os
 
-    overrides = list(args.set)
-    if getattr(args, "steps", None) is not None:
-        overrides.append(f"train.steps={args.steps}")
-    try:  # also config errors found later (a resume that cannot fit, --jax on a CNN...)
+    from tfshard.errors import ProcessLostError, TfshardError
+
+    args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("TFSHARD_DEBUG", "") not in ("", "0")
+    try:
+        if args.command == "launch":
+            return _launch(args)
+        from tfshard import config as config_lib
+
+        overrides = list(args.set)
+        if getattr(args, "steps", None) is not None:
+            overrides.append(f"train.steps={args.steps}")
         return _run(args, config_lib.load(args.config, overrides))
-    except (config_lib.ConfigError, CheckpointError) as err:
-        print(f"tfshard: error: {err}", file=sys.stderr)
-        return 2
+    except (TfshardError, ProcessLostError, OSError) as error:
+        return _report(error, debug)
 
 
 def _run(args, config):

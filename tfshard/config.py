@@ -147,7 +147,30 @@ def validate(raw, *, origin="config"):
     return config
 
 
+MESH_AXES = ("batch", "model")  # the config's mesh: {"batch": mesh.batch, "model": mesh.model}
+
+
+def _check_rules(rules, origin):
+    """``layout.rules``: Mesh-TF pairs over the config's two mesh axes (an
+    empty axis, ``heads:``, replicates; see ``tfshard.LogicalRules``)."""
+    from tfshard.layout import LogicalRules
+
+    try:
+        pairs = LogicalRules.parse(rules)
+    except TfshardError as err:
+        raise ConfigError(f"{origin}: config key 'layout.rules': {err}") from None
+    for logical, axis in pairs.items():
+        if axis is not None and axis not in MESH_AXES:
+            raise ConfigError(
+                f"{origin}: config key 'layout.rules': {logical!r} maps to mesh axis "
+                f"{axis!r}, but the config's mesh axes are {list(MESH_AXES)} (sized by "
+                f"mesh.batch and mesh.model); write e.g. '{logical}:model', or "
+                f"'{logical}:' to replicate it."
+            )
+
+
 def _check_consistency(config, origin):
+    _check_rules(config["layout"]["rules"], origin)
     m, mesh, train = config["model"], config["mesh"], config["train"]
     tp, dp = mesh["model"], mesh["batch"]
     if train["batch_size"] % dp:
@@ -216,7 +239,19 @@ def parse_override(text):
     parts = key.strip().split(".")
     if len(parts) != 2:
         raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. train.steps.")
-    return tuple(parts), yaml.safe_load(value)
+    try:
+        return tuple(parts), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {_yaml_problem(err)}.") from None
+
+
+def _yaml_problem(err):
+    """A YAML error on one line: the problem and where."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 def load(path, overrides=()):
@@ -225,12 +260,22 @@ def load(path, overrides=()):
 
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist.")
-    with open(path) as f:
-        try:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} is not a file; give a YAML file.")
+    try:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}.") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}).") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path!r} cannot be read: {err.strerror}.") from None
     raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}."
+        )
     for text in overrides:
         (section, key), value = parse_override(text)
         if not isinstance(raw.get(section, {}), dict):

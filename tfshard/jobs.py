@@ -12,6 +12,7 @@ import keras
 
 from tfshard import config as config_lib
 from tfshard import multi_client
+from tfshard.errors import TfshardError
 
 
 def print(*args, **kwargs):  # noqa: A001
@@ -36,6 +37,7 @@ def prepare_devices(config):
         clients = len(os.environ[multi_client.ENV_JOBS].split(","))
         accelerated = tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU")
         own = os.environ.get(multi_client.ENV_DEVICES_PER_PROCESS) or accelerated
+        _check_job_devices(config, clients, os.environ.get(multi_client.ENV_DEVICES_PER_PROCESS))
         multi_client.initialize_multi_client(
             devices_per_process=None if own else max(1, size // clients)
         )
@@ -43,6 +45,30 @@ def prepare_devices(config):
     if tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"):
         return
     use_virtual_devices(max(8, size))
+
+
+def _check_job_devices(config, clients, devices_per_process):
+    """The config's mesh against the job's processes and (when the launcher
+    says) their devices, before any process starts TensorFlow."""
+    batch, model = config["mesh"]["batch"], config["mesh"]["model"]
+    size = batch * model
+    mesh = f"mesh.batch x mesh.model = {batch} x {model} = {size} devices"
+    if size % clients:
+        raise config_lib.ConfigError(
+            f"{mesh} cannot be spread evenly over the {clients} processes of this job; "
+            f"use a mesh whose size is a multiple of {clients}."
+        )
+    try:
+        per_process = int(devices_per_process) if devices_per_process else None
+    except ValueError:
+        return  # initialize_multi_client reports the malformed variable
+    if per_process is not None and size > clients * per_process:
+        raise config_lib.ConfigError(
+            f"{mesh}, but this job has {clients} processes x {per_process} devices = "
+            f"{clients * per_process}. Start each process with {size // clients} devices "
+            f"(tfshard launch --devices-per-process {size // clients}) or use a smaller "
+            "mesh (--set mesh.batch=... --set mesh.model=...)."
+        )
 
 
 def build_strategy(config):
@@ -305,7 +331,7 @@ def train(config, *, verbose=1):
     train_cfg = config["train"]
     steps, batch = train_cfg["steps"], train_cfg["batch_size"]
     start_step, resumed_from = multi_client.run_on_chief(  # process 0 reads/prepares the dir
-        "train (resume point)", lambda: _resume_point(config), error=config_lib.ConfigError
+        "train (resume point)", lambda: _resume_point(config), error=TfshardError
     )
     directory = checkpoint_dir(config)
 

@@ -7,7 +7,8 @@ Each process gets the environment ``tfshard.initialize_multi_client()`` reads
 (``DTENSOR_CLIENT_ID``, ``DTENSOR_NUM_CLIENTS``, ``DTENSOR_JOB_NAME``,
 ``DTENSOR_JOBS`` listing ``127.0.0.1:<port>`` for every process, and
 ``TFSHARD_DEVICES_PER_PROCESS``). Ports are free loopback ports picked at
-start. Output is streamed line by line, prefixed with the process's rank.
+start. Output is streamed line by line, prefixed with the process's rank; a
+``tfshard: error: ...`` line that several processes print alike is shown once.
 
 If a process fails (non-zero exit or a signal), the others are sent SIGTERM,
 then SIGKILL after ``grace`` seconds; the launcher returns the failed
@@ -35,6 +36,9 @@ from tfshard.errors import MultiClientError
 __all__ = ["launch", "free_loopback_ports", "process_environment"]
 
 LOOPBACK = "127.0.0.1"
+# A process's own error report (``tfshard.cli``): shown once when every
+# process reports the same error, not once per process.
+ERROR_LINE = "tfshard: error: "
 
 
 def free_loopback_ports(count):
@@ -94,6 +98,7 @@ class _Job:
         self.lock = threading.Lock()
         self.procs = []
         self.readers = []
+        self.errors_shown = set()
         ports = free_loopback_ports(processes)
         self.envs = [
             process_environment(rank, ports, devices_per_process, device_type)
@@ -109,6 +114,10 @@ class _Job:
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip("\n")
             with self.lock:
+                if line.startswith(ERROR_LINE):
+                    if line in self.errors_shown:
+                        continue  # another process reported the same error
+                    self.errors_shown.add(line)
                 self.out.write(prefix + line + "\n")
                 self.out.flush()
         stream.close()

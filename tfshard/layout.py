@@ -1,27 +1,42 @@
-"""Layout specs and the rule tables that choose them.
+"""Layout specs and logical rules, and the glossary of tfshard's terms.
 
-A *spec* is a plain tuple with one entry per tensor dimension: the name of the
-mesh axis that shards that dimension, or ``None`` to replicate it. Example:
-``(None, "model")`` shards a kernel's columns over the ``model`` axis.
-
-Two kinds of rules pick specs:
-
-* ``LogicalRules`` map Mesh-TensorFlow-style logical dimension names, which
-  tfshard layers declare (``"heads"``, ``"d_ff"``, ``"vocab"``, ``"batch"``),
-  to mesh axes. A mesh change is then a rule edit, not a model edit.
-* ``PathRules`` map regular expressions over variable paths (matched in full,
-  as keras ``LayoutMap`` does) to specs. A path matched by two rules is an
-  error, never a silent first-match.
+Glossary
+--------
+mesh
+    A grid of devices with named axes: ``tfshard.Mesh({"batch": 2, "model": 4})``.
+spec
+    A plain tuple with one entry per tensor dimension: the name of the mesh
+    axis that splits that dimension, or ``None`` to replicate it.
+    ``(None, "model")`` splits a kernel's columns over the ``model`` axis.
+    ``KEEP`` in an activation spec keeps the dimension's current split (the
+    batch's, which the input pipeline decides).
+layout
+    DTensor's object for a spec on a mesh (``dtensor.Layout``); only
+    ``tfshard._dtensor`` builds them, from specs.
+logical axis
+    A name for what a dimension *is* (``"heads"``, ``"d_ff"``, ``"vocab"``,
+    ``"d_model"``, ``"batch"``), as Mesh-TensorFlow and flax name them.
+    :class:`LogicalRules` map logical axes to mesh axes, so a change of mesh
+    is a rule edit, not a model edit.
+style
+    How one layer is split: the logical axes of its weights and of its input
+    and output activations (``ColumnParallel()``, ``HeadParallel()``, ... in
+    :mod:`tfshard.styles`).
+plan
+    Data: layer paths or classes -> styles, variable and activation paths ->
+    specs (:class:`tfshard.styles.Plan`). A strategy resolves every variable
+    and activation through its plan and its logical rules.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
+
+import numpy as np
 
 from tfshard.errors import ShardingError
 
-__all__ = ["KEEP", "normalize_spec", "validate_spec", "fitting_spec", "LogicalRules", "PathRules"]
+__all__ = ["KEEP", "normalize_spec", "validate_spec", "placement_spec", "fitting_spec", "LogicalRules"]
 
 #: In an *activation* spec: keep whatever sharding this dimension already has
 #: (typically the batch dimension, which the input pipeline decides).
@@ -45,11 +60,12 @@ def normalize_spec(spec, *, name="spec"):
     return tuple(spec)
 
 
-def validate_spec(spec, shape, mesh, *, name):
+def validate_spec(spec, shape, mesh, *, name, allow_keep=False):
     """Check that ``spec`` can lay out a tensor of ``shape`` on ``mesh``.
 
     Raises ``ShardingError`` naming ``name`` (a variable path or tensor
-    description), the offending value and the fix.
+    description), the offending value and the fix. ``allow_keep`` accepts
+    :data:`KEEP` entries (activation specs), which are not checked.
     """
     spec = normalize_spec(spec, name=name)
     shape = tuple(int(d) if d is not None else None for d in shape)
@@ -61,7 +77,7 @@ def validate_spec(spec, shape, mesh, *, name):
         )
     used = {}
     for dim, (axis, size) in enumerate(zip(spec, shape)):
-        if axis is None:
+        if axis is None or (allow_keep and axis == KEEP):
             continue
         if axis not in mesh.axis_names:
             raise ShardingError(
@@ -87,6 +103,20 @@ def validate_spec(spec, shape, mesh, *, name):
                 kind=ShardingError.INDIVISIBLE, axis=axis, axis_size=parts, dim=dim,
             )
     return spec
+
+
+def placement_spec(spec, value, mesh, *, name="Strategy.place"):
+    """``spec`` checked against ``value`` (an array, tensor or DTensor) as
+    ``Strategy.place`` lays it out: its rank, mesh axes (each used once,
+    :data:`KEEP` allowed) and, for every dimension whose size is known, an
+    even split. Raises ``ShardingError`` naming the value's shape, the spec
+    and the fix, instead of a DTensor error or a silently dropped row."""
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        shape = np.shape(value)
+    if getattr(shape, "rank", 0) is None:  # a graph tensor of unknown rank
+        return normalize_spec(spec, name=name)
+    return validate_spec(spec, tuple(shape), mesh, name=name, allow_keep=True)
 
 
 def fitting_spec(spec, shape, mesh):
@@ -123,6 +153,14 @@ class LogicalRules:
     wins and later ones are replicated (the t5x/flax convention), so
     ``{"experts": "model", "d_ff": "model"}`` shards experts and keeps each
     expert's d_ff whole.
+
+    An empty mesh axis replicates: ``"heads:"`` is ``{"heads": None}``, which
+    overrides ``tensor_parallel``'s default for that dimension. Mesh-TF reads
+    ``"heads:"`` the same way (a pair naming no mesh dimension maps to none),
+    and it is the only way to say "replicated" in the string form (the
+    ``layout.rules`` key of a config), so it is kept, not an error. Anything
+    else that is not ``name:axis`` (``"heads"``, ``"heads:model:x"``) is an
+    error, and so is an axis the mesh does not have.
     """
 
     def __init__(self, rules=None):
@@ -151,7 +189,16 @@ class LogicalRules:
         elif isinstance(rules, Mapping):
             pairs = list(rules.items())
         else:
-            pairs = [tuple(p) for p in rules]
+            try:
+                pairs = [tuple(p) for p in rules]
+            except TypeError:
+                pairs = None
+            if pairs is None or any(len(p) != 2 for p in pairs):
+                raise ShardingError(
+                    f"layout rules: {rules!r} is not a dict, a list of "
+                    "(logical_dim, mesh_axis) pairs or a Mesh-TF string such as "
+                    "'batch:batch,d_ff:model'."
+                )
         out = {}
         for logical, axis in pairs:
             if not isinstance(logical, str) or not logical:
@@ -204,78 +251,3 @@ class LogicalRules:
         return "LogicalRules(" + ",".join(
             f"{k}:{v or ''}" for k, v in self._rules.items()
         ) + ")"
-
-
-class PathRules:
-    """Ordered ``(regex, spec)`` rules over variable paths, matched in full.
-
-    ``exact_first=True`` gives keras ``LayoutMap``'s lookup order: a rule
-    whose pattern *is* the path wins outright; only otherwise are the
-    patterns matched as regexes (and two matches are an error).
-    """
-
-    def __init__(self, *, exact_first=False):
-        self._rules: list[tuple[str, re.Pattern, tuple]] = []
-        self.exact_first = exact_first
-
-    def add(self, pattern, spec):
-        if not isinstance(pattern, str) or not pattern:
-            raise ShardingError(
-                f"shard(pattern, spec): pattern must be a non-empty regex "
-                f"string; got {pattern!r}."
-            )
-        try:
-            compiled = re.compile(pattern)
-        except re.error as err:
-            raise ShardingError(
-                f"shard({pattern!r}, ...): not a valid regular expression: {err}."
-            ) from None
-        spec = normalize_spec(spec, name=f"shard({pattern!r}, ...)")
-        for existing, _, _ in self._rules:
-            if existing == pattern:
-                raise ShardingError(
-                    f"shard({pattern!r}, ...): a rule with this pattern already "
-                    "exists; give each pattern once."
-                )
-        self._rules.append((pattern, compiled, spec))
-
-    def check_axes(self, mesh):
-        for pattern, _, spec in self._rules:
-            for axis in spec:
-                if axis is not None and axis not in mesh.axis_names:
-                    raise ShardingError(
-                        f"shard({pattern!r}, {spec!r}): mesh axis {axis!r} is "
-                        f"not on the mesh; its axes are {list(mesh.axis_names)}."
-                    )
-
-    def match(self, path, *, what="Variable"):
-        """The spec of the one rule matching ``path`` in full, else ``None``."""
-        rule = self.match_rule(path, what=what)
-        return rule[1] if rule else None
-
-    def match_rule(self, path, *, what="Variable"):
-        """``(pattern, spec)`` of the one rule matching ``path``, else None.
-        ``what`` names the kind of path in the ambiguity error."""
-        if self.exact_first:
-            for p, _, s in self._rules:
-                if p == path:
-                    return p, s
-        hits = [(p, s) for p, c, s in self._rules if c.fullmatch(path)]
-        if len(hits) > 1:
-            raise ShardingError(
-                f"{what} {path!r} matches more than one layout rule: "
-                f"{hits[0][0]!r} -> {hits[0][1]!r} and {hits[1][0]!r} -> "
-                f"{hits[1][1]!r}. Make the patterns exclusive."
-            )
-        return hits[0] if hits else None
-
-    def copy(self):
-        out = PathRules(exact_first=self.exact_first)
-        out._rules = list(self._rules)
-        return out
-
-    def __iter__(self):
-        return iter((p, s) for p, _, s in self._rules)
-
-    def __len__(self):
-        return len(self._rules)

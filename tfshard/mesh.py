@@ -24,7 +24,7 @@ def use_virtual_devices(n: int) -> None:
     :class:`VirtualDeviceError`.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(
+        raise MeshError(
             f"use_virtual_devices(n): n must be a positive int, got {n!r}."
         )
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -176,13 +176,18 @@ class Mesh:
                 f"job; use a mesh whose size is a multiple of {clients}."
             )
         per_process = self._size // clients
-        available = _dtensor.logical_devices(device_type)
+        available = _dtensor.logical_devices(device_type)  # this process's only
         if len(available) < per_process:
+            # TensorFlow lists every process's devices in a multi-client job.
+            in_job = max(len(tf.config.list_logical_devices(device_type)), len(available))
             raise MeshError(
-                f"Mesh {self._describe_axes()} needs {per_process} {device_type} "
-                f"devices in each of the {clients} processes, but this process has "
-                f"{len(available)}; start each process with devices_per_process="
-                f"{per_process} (tfshard launch --devices-per-process {per_process})."
+                f"Mesh {self._describe_axes()} has {self._size} devices: it needs "
+                f"{per_process} {device_type} devices in each of the {clients} "
+                f"processes of this job, but this process has {len(available)} "
+                f"and the job {in_job} in all. Start every process with "
+                f"{per_process} devices (tfshard launch --devices-per-process "
+                f"{per_process}, or initialize_multi_client(devices_per_process="
+                f"{per_process})), or use a mesh of at most {in_job} devices."
             )
         return [
             name

@@ -38,7 +38,7 @@ import sys
 import weakref
 
 from tfshard import _dtensor
-from tfshard.errors import MultiClientError, ProcessLostError
+from tfshard.errors import MultiClientError, ProcessLostError, TfshardError
 
 __all__ = [
     "initialize_multi_client",
@@ -51,6 +51,7 @@ __all__ = [
     "barrier",
     "run_on_chief",
     "all_succeeded",
+    "failures",
     "broadcast",
     "InputContext",
     "input_context",
@@ -443,6 +444,14 @@ def _register_exit_barrier(timeout):
     atexit.register(_exit_barrier, timeout)
 
 
+def exiting_on_error():
+    """This process is about to exit because of an error it reported itself
+    (the CLI's ``tfshard: error: ...``): skip the exit barrier, as for an
+    uncaught exception, so it exits at once and ``tfshard launch`` stops the
+    job instead of waiting for processes that may never arrive."""
+    _UNCAUGHT.append(SystemExit)
+
+
 def _exit_barrier(timeout):
     if _UNCAUGHT:
         return
@@ -539,7 +548,11 @@ def run_on_chief(name, function, *, error=RuntimeError, timeout=None):
     (JSON-serializable) result, or raises if it failed there.
 
     Process 0 re-raises its own exception; the others raise ``error`` with
-    process 0's message. In a single process this is just ``function()``.
+    process 0's message. When ``error`` is a TfshardError class and process
+    0's exception one of its kind, the others raise the very same error
+    (its class, message and errno), so a job reports one error, not one per
+    process; otherwise the message is prefixed with ``name`` and the
+    exception's type. In a single process this is just ``function()``.
     """
     if not is_multi_client():
         return function()
@@ -548,7 +561,13 @@ def run_on_chief(name, function, *, error=RuntimeError, timeout=None):
         try:
             result = function()
         except BaseException as err:
-            _dtensor.publish(key, json.dumps({"error": f"{type(err).__name__}: {err}"}))
+            if isinstance(err, error) and issubclass(error, TfshardError):
+                kind = type(err)
+                report = {"same": str(err), "kind": [kind.__module__, kind.__qualname__],
+                          "errno": getattr(err, "errno", None)}
+            else:
+                report = {"error": f"{type(err).__name__}: {err}"}
+            _dtensor.publish(key, json.dumps(report))
             raise
         _dtensor.publish(key, json.dumps({"result": result}))
         return result
@@ -556,9 +575,51 @@ def run_on_chief(name, function, *, error=RuntimeError, timeout=None):
         message = json.loads(_dtensor.fetch(key, _timeout_ms(timeout)))
     except Exception as err:
         raise process_lost_error(f"Waiting for process 0 ({name})", err) from err
+    if "same" in message:
+        raise _same_error(message, error)
     if "error" in message:
         raise error(f"{name} failed on process 0: {message['error']}")
     return message["result"]
+
+
+def _same_error(report, error):
+    """Process 0's tfshard error, rebuilt from its report: its own class when
+    that is a tfshard class of kind ``error``, else ``error``."""
+    import importlib
+
+    module, name = report.get("kind") or (None, None)
+    kind = error
+    if module and module.split(".")[0] == "tfshard":
+        found = getattr(importlib.import_module(module), name, None)
+        if isinstance(found, type) and issubclass(found, error):
+            kind = found
+    rebuilt = kind(report["same"])
+    if report.get("errno") is not None:
+        rebuilt.errno = report["errno"]
+    return rebuilt
+
+
+def failures(name, message=None, *, timeout=None):
+    """Every process reports its part of step ``name``: ``message`` (a
+    string) if it failed, None if not. Returns ``{process: message}`` of the
+    processes that failed, the same dict on every process, so each can
+    raise the same error. It is also a barrier. In a single process:
+    ``{0: message}`` or ``{}``."""
+    if not is_multi_client():
+        return {} if message is None else {0: message}
+    base = _next_id(f"failures/{name}")
+    try:
+        _dtensor.publish(f"{base}/{client_id()}", json.dumps(message))
+    except Exception as err:
+        raise process_lost_error(f"Reporting {name!r}", err) from err
+    barrier(name, timeout)
+    reports = {}
+    for other in range(num_clients()):
+        try:
+            reports[other] = json.loads(_dtensor.fetch(f"{base}/{other}", _timeout_ms(timeout)))
+        except Exception as err:
+            raise process_lost_error(f"Reading the status of {name!r}", err) from err
+    return {other: text for other, text in reports.items() if text is not None}
 
 
 def all_succeeded(name, failure=None, *, error=RuntimeError, timeout=None):

@@ -11,7 +11,7 @@ Before a model's first step on a mesh (:func:`prepare`):
 * metrics DTensor cannot run raise a clear error first
   (:func:`check_metrics`);
 * every collective group of the mesh is made complete
-  (:func:`_complete_collective_groups`), so that a failed step cannot cancel
+  (:func:`tfshard._dtensor.complete_collective_groups`), so that a failed step cannot cancel
   one for good.
 
 When a step fails (:func:`step_failures`), the devices are settled, the
@@ -96,7 +96,7 @@ def prepare(model, strategy, data, kind):
     are moved onto this mesh, replicated. (Weights off the mesh were already
     refused by ``tfshard.training.strategy_of_model``.)
     """
-    _complete_collective_groups(strategy)
+    _dtensor.complete_collective_groups(strategy.mesh._dtensor_mesh)
     if kind in ("train", "test"):
         with strategy._ensure_scope():
             _keras.symbolic_build(model, data)
@@ -182,43 +182,6 @@ def release_metrics(model):
                     )
                 _keras.replace_variable_value(variable, plain)
                 _keras.set_variable_layout(variable, None)
-
-
-_MESHES_WITH_COMPLETE_GROUPS = set()
-
-
-def _complete_collective_groups(strategy):
-    """Once per mesh, run one all-reduce over every set of its axes, so that
-    every collective group DTensor forms on the mesh is complete.
-
-    DTensor gives all collectives over the same mesh axes one group key
-    (``DTENSOR_ENABLE_REUSE_GROUP_KEY``, on by default), and TensorFlow marks
-    a group that is cancelled before all its devices joined it as cancelled
-    for good ("group is cancelled"). A step failing on some devices while the
-    others wait in a group's first collective would make every later
-    collective over those axes fail, in every program. A complete group is
-    never cancelled.
-    """
-    mesh = strategy.mesh
-    key = mesh._dtensor_mesh.to_string()
-    axes = [name for name in mesh.axis_names if mesh.axis_size(name) > 1]
-    if key in _MESHES_WITH_COMPLETE_GROUPS or not axes:
-        return
-    ones = _dtensor.distribute(
-        np.ones([mesh.axis_size(name) for name in axes], np.float32),
-        strategy.dtensor_layout(tuple(axes)),
-    )
-    subsets = [
-        [dim for dim in range(len(axes)) if mask >> dim & 1] for mask in range(1, 2 ** len(axes))
-    ]
-
-    @tf.function(autograph=False)
-    def reduce_over_each_set_of_axes(x):
-        return [tf.reduce_sum(x, axis=dims) for dims in subsets]
-
-    for total in reduce_over_each_set_of_axes(ones):
-        _dtensor.to_numpy(total)
-    _MESHES_WITH_COMPLETE_GROUPS.add(key)
 
 
 def resync(kvar):

@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from tfshard import _dtensor, _keras
 from tfshard.errors import StrategyError
-from tfshard.layout import KEEP, LogicalRules, validate_spec
+from tfshard.layout import KEEP, LogicalRules, placement_spec, validate_spec
 from tfshard.mesh import Mesh
 from tfshard.styles import Plan, resolve_style, resolve_weight
 from tfshard.tensors import VariableLayout
@@ -357,7 +357,7 @@ class Strategy:
         """
         if isinstance(x, keras.KerasTensor):
             return x  # symbolic (functional-model construction): shapes only
-        layout = self.dtensor_layout(spec)
+        layout = self.dtensor_layout(placement_spec(spec, x, self._mesh))
         if not tf.executing_eagerly():
             if not tf.is_tensor(x):
                 x = tf.constant(x)  # a constant, laid out once on the mesh

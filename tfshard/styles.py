@@ -434,13 +434,14 @@ class Plan:
             else:
                 kind = OUTPUT if key.endswith("/output") else VARIABLE
                 value = normalize_spec(value, name=f"plan[{key!r}]")
+                _check_axes_once(value, key)
         else:
             raise StrategyError(
                 f"plan key {key!r}: use a path regex (str) or a Keras layer class."
             )
         for existing, existing_kind, _, _ in self._entries:
             if existing == key and existing_kind == kind:
-                raise ShardingError(f"plan[{key!r}] is given twice; give each key once.")
+                raise ShardingError(f"plan[{key!r}] already exists; give each key once.")
         self._entries.append((key, kind, value, compiled))
 
     def add_layout_map(self, lookup, layout_map=None, source="LayoutMap"):
@@ -611,6 +612,16 @@ class Plan:
             return "Plan: empty (everything replicated)"
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _check_axes_once(spec, key):
+    named = [axis for axis in spec if axis is not None]
+    for axis in set(named):
+        if named.count(axis) > 1:
+            raise ShardingError(
+                f"plan[{key!r}] = {tuple(spec)!r} uses mesh axis {axis!r} for more than one "
+                "dimension; an axis can split only one dimension. Set the others to None."
+            )
 
 
 def _key(key):
