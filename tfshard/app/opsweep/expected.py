@@ -21,7 +21,7 @@ def _expect(op, cells, reason):
             EXPECTED_FAILURES[key] = reason
 
 
-# --- measured on commits 43028de and 294cfdb (the same table; docs/op_coverage.md) --- #
+# --- measured on commit a1b18dc (docs/op_coverage.md) --- #
 _expect('adaptive_average_pool', 'fwd: 1x8:feat 2x4:both 2x4:feat',
         "DTensor expands this pooling/resize op only replicated or batch-parallel; tfshard's channel-split pooling fix covers max_pool/average_pool, not this op")
 _expect('adaptive_average_pool', 'grad: 1x8:rep 2x4:batch 2x4:rep',
@@ -58,8 +58,6 @@ _expect('einsum', 'fwd: 2x4:both',
         "contraction of dims split over different mesh axes (the config splits the 2-D operand's dim 0 over batch): DTensor's matmul expander does not relayout")
 _expect('fft', 'fwd: 1x8:feat',
         "an intermediate's split dim is not divisible by the axis size (DTensor layout check)")
-_expect('flip', 'fwd: 1x8:feat 1x8:rep 2x4:batch 2x4:both 2x4:feat 2x4:rep',
-        'DTensor has no layout propagation for tf.ReverseV2: it fails under every layout, replicated included')
 _expect('fori_loop', 'grad: 1x8:feat 1x8:rep 2x4:batch 2x4:both 2x4:feat 2x4:rep',
         'DTensor has no layout propagation for tf.EmptyTensorList: it fails under every layout, replicated included')
 _expect('glu', 'fwd: 1x8:feat',
