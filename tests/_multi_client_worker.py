@@ -5,7 +5,7 @@ Python process per client) or alone as the single-process reference.
 
 Modes:
   suite OUT [--checkpoint CKPT]
-      On a 2x4 mesh: fit the reference MLP (tfshard/examples/mlp.py's
+      On a 2x4 mesh: fit the reference MLP (tfshard/app/examples/mlp.py's
       column -> row MLP) with global input, again with per-process input,
       and a tiny transformer with per-process input; record the loss after
       every step and the final weights and optimizer slots
@@ -62,7 +62,7 @@ def build_model(tfshard, keras, kind):
         )
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
         return model
-    from tfshard import models
+    from tfshard.app import models
 
     model = models.build(
         {

@@ -8,9 +8,10 @@ import os
 
 import numpy as np
 import pytest
-from tfshard import bench, comm
-from tfshard import config as config_lib
-from tfshard import jobs
+from tfshard import comm
+from tfshard.app import bench
+from tfshard.app import config as config_lib
+from tfshard.app import jobs
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 TINY = [
@@ -158,9 +159,9 @@ def test_moe_transformer_step_is_all_to_alls_over_the_expert_axis(block_collecti
 
 @pytest.mark.parametrize("name", ["1@2x4", "2@2x4", "1@8x1", "2@8x1", "moe@2x4"])
 def test_communication_estimate_agrees_with_the_measured_step(name, block_collectives):
-    """``tfshard inspect``'s estimate (report.estimate_collectives) is what
+    """``tfshard inspect``'s estimate (app.estimate.estimate_collectives) is what
     DTensor launches, kind by kind and axis by axis."""
-    from tfshard.report import communication_estimate, estimate_collectives
+    from tfshard.app.estimate import communication_estimate, estimate_collectives
 
     layers, _, shape = name.partition("@")
     mesh = tuple(int(n) for n in shape.split("x"))

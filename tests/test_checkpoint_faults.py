@@ -108,7 +108,7 @@ def test_failed_save_in_a_multi_client_job(tmp_path):
     """Process 0 alone has the file-size limit: both processes raise the
     same error, and both go on to train and save."""
     run([
-        sys.executable, "-m", "tfshard.cli", "launch", "--processes", "2", "--devices-per-process", "4",
+        sys.executable, "-m", "tfshard.app.cli", "launch", "--processes", "2", "--devices-per-process", "4",
         "--timeout", str(TIMEOUT - 60), "--grace", "5", "--",
         sys.executable, WORKER, "multi", str(tmp_path), "0",
     ])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tfshard import cli
-from tfshard import config as config_lib
+from tfshard.app import cli
+from tfshard.app import config as config_lib
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -61,7 +61,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
 
 
 def test_rules_accept_mesh_tf_syntax(tmp_path):
-    from tfshard import jobs
+    from tfshard.app import jobs
 
     config = config_lib.load(write(tmp_path, {"layout": {"rules": "batch:batch,d_ff:model"}}))
     strategy = jobs.build_strategy(config)
@@ -143,7 +143,7 @@ def test_cli_inspect_prints_layouts_and_communication(capsys):
 
 
 def test_transformer_converges_the_same_on_2x4_and_one_device(tmp_path):
-    from tfshard import jobs
+    from tfshard.app import jobs
 
     losses = {}
     for data, model in ((2, 4), (1, 1)):

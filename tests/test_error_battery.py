@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tfshard
-from tfshard import cli, multi_client
 from tfshard import mesh as mesh_lib
+from tfshard import multi_client
+from tfshard.app import cli
+from tfshard.app.config import ConfigError
 from tfshard.callbacks import ShardedCheckpoint
-from tfshard.config import ConfigError
 from tfshard.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -464,8 +465,8 @@ def test_cli_error_under_launch_is_printed_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DTENSOR_", "TFSHARD_"))}
     env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join(filter(None, (REPO, env.get("PYTHONPATH")))))
     command = [
-        sys.executable, "-m", "tfshard.cli", "launch", "--processes", "2", "--devices-per-process", "2",
-        "--timeout", "300", "--grace", "5", "--", sys.executable, "-m", "tfshard.cli", "train", CONFIG,
+        sys.executable, "-m", "tfshard.app.cli", "launch", "--processes", "2", "--devices-per-process", "2",
+        "--timeout", "300", "--grace", "5", "--", sys.executable, "-m", "tfshard.app.cli", "train", CONFIG,
         "--set", f"output.dir={tmp_path}",
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
@@ -485,7 +486,7 @@ def test_mesh_larger_than_a_real_multi_client_job(tmp_path):
     env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join(filter(None, (REPO, env.get("PYTHONPATH")))))
     worker_script = os.path.join(REPO, "tests", "_fault_worker.py")
     command = [
-        sys.executable, "-m", "tfshard.cli", "launch", "--processes", "2", "--devices-per-process", "2",
+        sys.executable, "-m", "tfshard.app.cli", "launch", "--processes", "2", "--devices-per-process", "2",
         "--timeout", "300", "--grace", "5", "--", sys.executable, worker_script, "mesh", str(tmp_path),
     ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)

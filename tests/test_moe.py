@@ -423,8 +423,8 @@ def lm_loss_and_gradients(model, tokens, labels, strategy=None):
 
 
 def test_transformer_moe_blocks_and_config_checks(tmp_path):
-    from tfshard import config as config_lib
-    from tfshard import models
+    from tfshard.app import config as config_lib
+    from tfshard.app import models
 
     config = config_lib.validate({
         "model": dict(d_model=16, heads=4, d_ff=16, layers=2, seq_len=8, moe_experts=4,

@@ -24,9 +24,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tfshard
-from tfshard import _dtensor, cli, multi_client
-from tfshard import launch as launch_lib
+from tfshard import _dtensor, multi_client
 from tfshard import mesh as mesh_lib
+from tfshard.app import cli
+from tfshard.app import launch as launch_lib
 from tfshard.checkpoint import CheckpointError, list_checkpoints, read_manifest
 from tfshard.errors import MeshError, MultiClientError, ProcessLostError
 
@@ -55,7 +56,7 @@ def subprocess_env():
 
 def launch_command(*worker_args, processes=2):
     return [
-        sys.executable, "-m", "tfshard.cli", "launch",
+        sys.executable, "-m", "tfshard.app.cli", "launch",
         "--processes", str(processes), "--devices-per-process", "4",
         "--timeout", str(JOB_TIMEOUT), "--grace", "5",
         "--", sys.executable, WORKER, *map(str, worker_args),
@@ -226,8 +227,8 @@ def test_cli_train_on_two_processes(tmp_path):
     processes; process 0 alone prints and writes metrics.json."""
     out = tmp_path / "run"
     output = run([
-        sys.executable, "-m", "tfshard.cli", "launch", "--processes", "2",
-        "--timeout", str(JOB_TIMEOUT), "--", sys.executable, "-m", "tfshard.cli", "train",
+        sys.executable, "-m", "tfshard.app.cli", "launch", "--processes", "2",
+        "--timeout", str(JOB_TIMEOUT), "--", sys.executable, "-m", "tfshard.app.cli", "train",
         os.path.join(REPO, "configs", "transformer_2x4.yaml"), "--steps", "2",
         "--set", "model.layers=1", "--set", "model.seq_len=16", "--set", "data.eval_batches=1",
         "--set", "data.max_bytes=100000", "--set", f"output.dir={out}",

@@ -1,4 +1,4 @@
-"""The reference transformer (tfshard.models): its tied output projection
+"""The reference transformer (tfshard.app.models): its tied output projection
 reads the live embedding table, so it trains, checkpoints and restores, and
 the sharded model trains like plain Keras with Adam."""
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import tfshard
-from tfshard import config as config_lib
-from tfshard import data, models
+from tfshard.app import config as config_lib
+from tfshard.app import data, models
 
 from conftest import make_strategy
 

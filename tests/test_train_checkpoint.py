@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tfshard import cli, jobs
+from tfshard.app import cli, jobs
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "transformer_2x4.yaml")
 # A small model whose heads, d_ff and vocab split over 4 or 8 devices.

@@ -39,13 +39,14 @@ import contextlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tfshard import config as config_lib
-from tfshard import data, models, plots, report
+from tfshard import report
+from tfshard.app import config as config_lib
+from tfshard.app import data, estimate, models, plots
 
 # %% [markdown]
 # ## The model and the data
 #
-# `tfshard.models.build` makes the same decoder-only transformer as
+# `tfshard.app.models.build` makes the same decoder-only transformer as
 # `tfshard train configs/transformer_2x4.yaml`: a vocab-parallel byte
 # embedding (its table is reused for the output logits), pre-norm blocks of
 # head-parallel attention and a Megatron feed-forward pair
@@ -247,4 +248,4 @@ for shape in MESHES[1:]:
     config = config_lib.validate(
         {"model": MODEL, "mesh": {"batch": shape[0], "model": shape[1]}, "train": {"batch_size": BATCH}}
     )
-    print(report.communication_estimate(config), "\n")
+    print(estimate.communication_estimate(config), "\n")

@@ -24,7 +24,7 @@
 #   a tile) of every image. A 3×3 convolution near a band's edge needs a row
 #   of the neighbouring band, the *halo*, which the layer exchanges.
 #
-# Both train the small ResNet of `tfshard.models` on scikit-learn's 8×8
+# Both train the small ResNet of `tfshard.app.models` on scikit-learn's 8×8
 # handwritten digits, and both are checked against plain Keras.
 
 # %%
@@ -42,8 +42,9 @@ import keras
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tfshard import config as config_lib
-from tfshard import data, models, plots, report
+from tfshard import report
+from tfshard.app import config as config_lib
+from tfshard.app import data, models, plots
 
 images, labels = data.digits()  # (1797, 8, 8, 1) in [0, 1], labels 0..9
 rng = np.random.RandomState(0)
@@ -66,7 +67,7 @@ plt.show()
 # %% [markdown]
 # ## The model, its splits, and plain Keras
 #
-# `tfshard.models.build` makes a stem convolution, residual blocks of two
+# `tfshard.app.models.build` makes a stem convolution, residual blocks of two
 # 3×3 convolutions with BatchNormalization, global average pooling and a
 # classifier. `split="channels"` uses channel-parallel convolutions,
 # `split="spatial"` spatial ones. Built outside a strategy, both are the
@@ -124,7 +125,7 @@ runs["channel split 2x4"] = (channel_model, *train(channel_model))
 # images laid out as `("batch", "model", None, None)` is split two ways by
 # image and four ways by rows: each device holds half of the images and a
 # band of 2 of their 8 rows. `describe_tiling` prints the plan;
-# `tfshard.plots.tiling` draws it, with the device ids on each band.
+# `tfshard.app.plots.tiling` draws it, with the device ids on each band.
 
 # %%
 spatial_strategy = strategy_for({"batch": 2, "model": 4}, "batch:batch,height:model")

@@ -40,8 +40,9 @@ import tempfile
 import matplotlib.pyplot as plt
 import numpy as np
 
-from tfshard import config as config_lib
-from tfshard import data, models, plots, report
+from tfshard import report
+from tfshard.app import config as config_lib
+from tfshard.app import data, estimate, models, plots
 
 WORK = tempfile.mkdtemp(prefix="tfshard-tutorial-04-")
 MODEL = config_lib.defaults()["model"]
@@ -165,7 +166,7 @@ np.testing.assert_allclose(continued_1x8, continued, rtol=1e-4, atol=1e-4)
 # ```
 
 # %%
-from tfshard import cli
+from tfshard.app import cli
 
 CONFIG = os.path.join("..", "configs", "transformer_2x4.yaml")
 run_dir = os.path.join(WORK, "run")
@@ -187,8 +188,8 @@ def metrics():
 
 
 job = subprocess.run(
-    [sys.executable, "-m", "tfshard.cli", "launch", "--processes", "2", "--",
-     sys.executable, "-m", "tfshard.cli"] + train_args(2),
+    [sys.executable, "-m", "tfshard.app.cli", "launch", "--processes", "2", "--",
+     sys.executable, "-m", "tfshard.app.cli"] + train_args(2),
     capture_output=True, text=True, timeout=600,
 )
 print("\n".join(line for line in job.stdout.splitlines() if "held-out" in line or "mesh" in line))
@@ -287,7 +288,7 @@ for shape in ((1, 8), (2, 4), (4, 2), (8, 1)):
     config = config_lib.validate(
         {"model": MODEL, "mesh": {"batch": shape[0], "model": shape[1]}, "train": {"batch_size": BATCH}}
     )
-    print(report.communication_estimate(config), "\n")
+    print(estimate.communication_estimate(config), "\n")
 
 # %%
 import shutil

@@ -43,8 +43,9 @@ import contextlib
 import keras
 import numpy as np
 
-from tfshard import comm, data, models, report
-from tfshard import config as config_lib
+from tfshard import comm, report
+from tfshard.app import config as config_lib
+from tfshard.app import data, models
 from tfshard.layers import ExpertParallelMoE
 from tfshard.layers.moe import top_k_gating
 

@@ -65,7 +65,7 @@ does) also all-reduces the load-balancing loss, a scalar mean over the
 routing groups, over the axes that split them. DTensor combines the
 gradient sums over the same axes into one launch, and the aux-loss means
 of all MoE layers into another (see ``tests/test_bench.py`` and
-``tfshard.report.estimate_collectives``).
+``tfshard.app.estimate.estimate_collectives``).
 """
 
 from __future__ import annotations

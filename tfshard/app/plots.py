@@ -21,7 +21,7 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         raise TfshardError(
-            "tfshard.plots draws with matplotlib; install it with: pip install matplotlib"
+            "tfshard.app.plots draws with matplotlib; install it with: pip install matplotlib"
         ) from None
     return plt
 

@@ -36,7 +36,7 @@ from tfshard.errors import MultiClientError
 __all__ = ["launch", "free_loopback_ports", "process_environment"]
 
 LOOPBACK = "127.0.0.1"
-# A process's own error report (``tfshard.cli``): shown once when every
+# A process's own error report (``tfshard.app.cli``): shown once when every
 # process reports the same error, not once per process.
 ERROR_LINE = "tfshard: error: "
 

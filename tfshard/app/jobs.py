@@ -1,4 +1,4 @@
-"""The jobs behind the CLI: train and inspect a config (bench: tfshard.bench)."""
+"""The jobs behind the CLI: train and inspect a config (bench: tfshard.app.bench)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 
 import keras
 
-from tfshard import config as config_lib
 from tfshard import multi_client
+from tfshard.app import config as config_lib
 from tfshard.errors import TfshardError
 
 
@@ -89,7 +89,7 @@ def load_data(config):
     """``(x_train, y_train), (x_eval, y_eval)`` for the config's model kind."""
     import numpy as np
 
-    from tfshard import data
+    from tfshard.app import data
 
     model, train = config["model"], config["train"]
     n_train = train["steps"] * train["batch_size"]
@@ -122,7 +122,7 @@ def build_model(config, strategy=None):
     """The compiled reference model, sharded if ``strategy`` is given."""
     import contextlib
 
-    from tfshard import models
+    from tfshard.app import models
 
     scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with scope:
@@ -405,7 +405,8 @@ def train(config, *, verbose=1):
 def inspect(config):
     """Build without training; print layouts, per-device totals and the
     estimated communication per step."""
-    from tfshard.report import communication_estimate, variable_table
+    from tfshard.app.estimate import communication_estimate
+    from tfshard.report import variable_table
 
     strategy = build_strategy(config)
     model = build_model(config, strategy)

@@ -14,9 +14,9 @@ def build(model_config, *, learning_rate=3e-3, optimizer="adam", seed=0):
     keras.utils.set_random_seed(seed)
     kind = model_config["kind"]
     if kind == "transformer":
-        from tfshard.models.transformer import build_transformer as builder
+        from tfshard.app.models.transformer import build_transformer as builder
     else:
-        from tfshard.models.cnn import build_cnn as builder
+        from tfshard.app.models.cnn import build_cnn as builder
     model, loss, metrics = builder(model_config)
     opt = {
         "adam": lambda: keras.optimizers.Adam(learning_rate),

@@ -1,6 +1,6 @@
 """Train a Megatron-style column -> row MLP on a 2x4 mesh of virtual CPUs.
 
-    python -m tfshard.examples.mlp [--steps 30]
+    python -m tfshard.app.examples.mlp [--steps 30]
 
 Prints the layout table (per-device shard shapes) and the loss per step, and
 checks the result against the same MLP trained with plain Keras Dense layers.

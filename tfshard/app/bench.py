@@ -14,7 +14,7 @@
 
 Optionally (``--jax``) the same model is timed on Keras 3's JAX backend with
 ``keras.distribution.ModelParallel`` in a child process (see
-``tfshard/_jax_reference.py``), when JAX is installed.
+``tfshard/app/_jax_reference.py``), when JAX is installed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ TRAIN_STEP_PROGRAM = "run"  # the name of training._Step's tf.function
 
 def parse_meshes(text):
     """``"1x1,2x4"`` -> ``[(1, 1), (2, 4)]``."""
-    from tfshard.config import ConfigError
+    from tfshard.app.config import ConfigError
 
     meshes = []
     for item in text.split(","):
@@ -67,7 +67,7 @@ def time_training(config, mesh_shape=None, *, steps):
     seconds over a steady step, the train step's trace count and the
     per-device bytes of parameters + optimizer state.
     """
-    from tfshard import jobs
+    from tfshard.app import jobs
     from tfshard.report import per_device_bytes
 
     config = {**config, "train": {**config["train"], "steps": steps}}
@@ -97,7 +97,8 @@ def count_step_collectives(config, mesh_shape, *, stages=("expanded", "optimized
     Needs DTensor's pass dumps (see :mod:`tfshard.comm`); run it through
     :func:`tfshard.comm.run_in_subprocess` or :func:`measure_collectives`.
     """
-    from tfshard import comm, jobs
+    from tfshard import comm
+    from tfshard.app import jobs
 
     config = with_mesh({**config, "train": {**config["train"], "steps": 1}}, mesh_shape)
     strategy = jobs.build_strategy(config)
@@ -134,7 +135,7 @@ def measure_collectives(config, meshes):
     size = max(8, *(a * b for a, b in meshes))
     request = json.dumps({"config": config, "meshes": [list(m) for m in meshes]})
     return comm.run_in_subprocess(
-        "tfshard.bench:_collectives_child", devices=size, env={"TFSHARD_BENCH_REQUEST": request}
+        "tfshard.app.bench:_collectives_child", devices=size, env={"TFSHARD_BENCH_REQUEST": request}
     )
 
 
@@ -170,7 +171,7 @@ def check_jax_reference_config(config):
     ``config``: it is the dense reference transformer (stock Keras layers
     with a ``LayoutMap``), so a CNN or a mixture-of-experts config would be
     compared with a different model."""
-    from tfshard.config import ConfigError
+    from tfshard.app.config import ConfigError
 
     model = config["model"]
     if model["kind"] != "transformer":
@@ -195,7 +196,7 @@ def run_jax_reference(config, mesh_shape, *, steps, timeout=900):
     import importlib.util
     import tempfile
 
-    from tfshard import jobs
+    from tfshard.app import jobs
 
     check_jax_reference_config(config)
     if importlib.util.find_spec("jax") is None:

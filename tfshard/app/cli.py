@@ -85,7 +85,7 @@ def _add_launch(sub):
 
 
 def _launch(args):
-    from tfshard.launch import launch
+    from tfshard.app.launch import launch
 
     command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     return launch(command, args.processes, args.devices_per_process,
@@ -132,7 +132,7 @@ def main(argv=None):
     try:
         if args.command == "launch":
             return _launch(args)
-        from tfshard import config as config_lib
+        from tfshard.app import config as config_lib
 
         overrides = list(args.set)
         if getattr(args, "steps", None) is not None:
@@ -143,11 +143,11 @@ def main(argv=None):
 
 
 def _run(args, config):
-    from tfshard import jobs
+    from tfshard.app import jobs
 
     devices_for = config
     if args.command == "bench":
-        from tfshard import bench
+        from tfshard.app import bench
 
         args.meshes = bench.parse_meshes(args.meshes)
         devices_for = bench.with_mesh(config, max(args.meshes, key=lambda m: m[0] * m[1]))
@@ -164,7 +164,7 @@ def _run(args, config):
 def _bench(args, config):
     import json
 
-    from tfshard import bench
+    from tfshard.app import bench
 
     results = bench.bench(config, meshes=args.meshes, steps=args.steps, rounds=args.rounds,
                           collectives=not args.no_collectives, jax=args.jax)

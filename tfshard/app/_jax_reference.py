@@ -2,7 +2,7 @@
 
 Run as a script in a child process (``KERAS_BACKEND=jax``); it imports only
 Keras and NumPy, never tfshard (whose import requires the TensorFlow
-backend). The model is the one ``tfshard.models.transformer`` builds, from
+backend). The model is the one ``tfshard.app.models.transformer`` builds, from
 stock Keras layers, sharded the Megatron way with
 ``keras.distribution.ModelParallel`` and a ``LayoutMap``: heads, d_ff and the
 vocabulary over ``model``, batches over ``batch``. Prints one JSON line.
@@ -42,7 +42,7 @@ class TiedLogits(keras.layers.Layer):
 
 def build_transformer(cfg):
     if cfg.get("moe_experts", 0) > 0:
-        # tfshard.bench.check_jax_reference_config refuses these configs first.
+        # tfshard.app.bench.check_jax_reference_config refuses these configs first.
         raise ValueError(
             f"model.moe_experts={cfg['moe_experts']}: the JAX reference builds the dense "
             "transformer only; set model.moe_experts=0 or drop --jax."
