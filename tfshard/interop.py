@@ -158,6 +158,9 @@ def builder_from_keras(obj):
     return builder
 
 
+_strategy.set_keras_converter(builder_from_keras)  # StrategyBuilder.from_keras
+
+
 # The strategy converted from a Keras object is cached on the object itself:
 # its rules call the object's lookup, so a cache outside the object would
 # keep the object (and the strategy's DTensor mesh) alive for ever.

@@ -29,8 +29,6 @@ output, and ``"<layer path>/output"`` entries lay out a layer's output.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import threading
 import weakref
 
 import keras
@@ -38,9 +36,19 @@ import numpy as np
 import tensorflow as tf
 
 from tfshard import _dtensor, _keras
+from tfshard._scope import (  # noqa: F401  (re-exported: the active strategy)
+    _computing_on,
+    computing_on,
+    current_strategy,
+    mesh_computation,
+    set_keras_distribution_resolver,
+)
+from tfshard._scope import pop as _pop_scope
+from tfshard._scope import push as _push_scope
 from tfshard.errors import StrategyError
 from tfshard.layout import KEEP, LogicalRules, placement_spec, validate_spec
 from tfshard.mesh import Mesh
+from tfshard.report import variable_table
 from tfshard.styles import Plan, resolve_style, resolve_weight
 from tfshard.tensors import VariableLayout
 
@@ -48,26 +56,16 @@ from tfshard.tensors import VariableLayout
 # {"experts": <data axis>} gives GShard's experts-over-data layout instead.
 TENSOR_PARALLEL_DIMS = ("heads", "kv_heads", "d_ff", "vocab", "channels", "experts")
 
-_local = threading.local()
-_computing_on = contextvars.ContextVar("tfshard_computing_on", default=None)
+
+_keras_converter = None
 
 
-def _stack():
-    if not hasattr(_local, "stack"):
-        _local.stack = []
-    return _local.stack
-
-
-_keras_distribution_resolver = None
-
-
-def set_keras_distribution_resolver(resolver):
-    """Register ``resolver() -> Strategy | None``: the strategy for the
-    active ``keras.distribution`` distribution, which
-    :func:`current_strategy` falls back on outside every scope.
-    ``tfshard.interop`` registers it; ``None`` clears it."""
-    global _keras_distribution_resolver
-    _keras_distribution_resolver = resolver
+def set_keras_converter(converter):
+    """Register ``converter(obj) -> StrategyBuilder`` for
+    :meth:`StrategyBuilder.from_keras` (``tfshard.interop`` registers
+    :func:`~tfshard.interop.builder_from_keras`; ``None`` clears it)."""
+    global _keras_converter
+    _keras_converter = converter
 
 
 def completed_rules(rules, data_axis=None, tensor_axis=None):
@@ -82,59 +80,6 @@ def completed_rules(rules, data_axis=None, tensor_axis=None):
         for dim in TENSOR_PARALLEL_DIMS:
             rules.set_default(dim, tensor_axis)
     return rules
-
-
-def current_strategy():
-    """The innermost active strategy, or ``None`` outside every scope.
-
-    Outside every ``Strategy.scope()``, an active ``keras.distribution``
-    distribution (``set_distribution`` / ``distribution.scope()``) acts as
-    the strategy converted from it (see ``tfshard.interop``)."""
-    stack = _stack()
-    if stack:
-        return stack[-1]
-    if _keras_distribution_resolver is not None:
-        return _keras_distribution_resolver()
-    return None
-
-
-@contextlib.contextmanager
-def computing_on(strategy):
-    """Code run or traced in this block computes on ``strategy``'s mesh
-    (set around every call of a layer created under a strategy)."""
-    token = _computing_on.set(strategy)
-    try:
-        yield strategy
-    finally:
-        _computing_on.reset(token)
-
-
-def _in_dataset_function():
-    # tf.data traces its functions (map, filter, ...) into graphs named
-    # "Dataset_<transformation>_<fn>"; they never run on a mesh, even when
-    # traced inside a strategy scope (augmentation layers in an input
-    # pipeline).
-    graph = tf.compat.v1.get_default_graph()
-    while graph is not None:
-        if str(getattr(graph, "name", "") or "").startswith("Dataset_"):
-            return True
-        graph = getattr(graph, "outer_graph", None)
-    return False
-
-
-def mesh_computation():
-    """The strategy whose mesh the code now being run or traced computes on,
-    or None for plain computation: inside a sharded layer's call, a tfshard
-    step function or an explicit ``strategy.scope()``, and never inside a
-    tf.data function. (Eager code must also check that its inputs are on
-    the mesh.)"""
-    strategy = _computing_on.get()
-    if strategy is None:
-        stack = _stack()
-        strategy = stack[-1] if stack else None
-    if strategy is None or (not tf.executing_eagerly() and _in_dataset_function()):
-        return None
-    return strategy
 
 
 class Strategy:
@@ -201,12 +146,11 @@ class Strategy:
     def scope(self):
         """Variables and layers created in this block are laid out by this
         strategy."""
-        stack = _stack()
-        stack.append(self)
+        _push_scope(self)
         try:
             yield self
         finally:
-            stack.pop()
+            _pop_scope()
 
     def _ensure_scope(self):
         if current_strategy() is self:
@@ -414,8 +358,6 @@ class Strategy:
     def describe(self, model=None):
         """A table of every variable: path, global shape, spec, per-device
         shape and per-device bytes, with per-device totals."""
-        from tfshard.report import variable_table
-
         if model is None:
             variables = self.variables()
         else:
@@ -555,10 +497,14 @@ class StrategyBuilder:
         :func:`tfshard.interop.builder_from_keras`). Chain more calls or
         ``.build()`` it."""
         # interop sits above strategy (it converts Keras objects into
-        # builders), so it is imported here, when called, never at import time.
-        from tfshard import interop
-
-        return interop.builder_from_keras(distribution_or_layout_map)
+        # builders) and registers the converter when it is imported, which
+        # `import tfshard` does.
+        if _keras_converter is None:
+            raise StrategyError(
+                "StrategyBuilder.from_keras: no converter of keras.distribution objects "
+                "is registered; import tfshard.interop (import tfshard does)."
+            )
+        return _keras_converter(distribution_or_layout_map)
 
     def build(self) -> Strategy:
         if (

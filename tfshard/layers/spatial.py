@@ -63,6 +63,7 @@ from tfshard.errors import ShardingError
 from tfshard.layers.base import ShardedLayerMixin
 from tfshard.layers.conv import _take, keras_pads, patches
 from tfshard.layout import KEEP
+from tfshard.report import describe_tiling  # noqa: F401  (tfshard.layers.describe_tiling)
 
 __all__ = [
     "SpatialParallelConv2D",
@@ -416,81 +417,3 @@ class SpatialParallelAveragePooling2D(_SpatialPoolMixin, keras.layers.AveragePoo
     def __init__(self, pool_size=(2, 2), strides=None, padding="valid", *, height_dim="height", width_dim="width", **kwargs):
         super().__init__(pool_size=pool_size, strides=strides, padding=padding, **kwargs)
         self._init_spatial(height_dim, width_dim)
-
-
-# --------------------------------------------------------------- describing
-def describe_tiling(x_or_spec, shape=None, mesh=None, *, names=("batch", "rows", "cols", "channels")):
-    """Text showing how an NHWC image tensor is tiled across devices.
-
-    ``x_or_spec``: a DTensor (its spec and shape are read) or a spec tuple
-    (then give ``shape``). ``mesh``: a ``tfshard.Mesh`` (default: the
-    current strategy's). One line per device: its mesh coordinates and the
-    global index ranges of the tile it holds, followed by a map of which
-    device holds which (row band, column band) of the image.
-    """
-    from tfshard.strategy import current_strategy
-    from tfshard.tensors import layout_of
-
-    if isinstance(x_or_spec, (tuple, list)):
-        spec = tuple(x_or_spec)
-        if shape is None:
-            raise ShardingError("describe_tiling(spec, shape, mesh): give the tensor's global shape.")
-    else:
-        spec = layout_of(x_or_spec)
-        if spec is None:
-            raise ShardingError("describe_tiling: the tensor is not on a mesh; pass a spec and a shape instead.")
-        shape = tuple(int(d) for d in x_or_spec.shape) if shape is None else shape
-    if mesh is None:
-        strategy = current_strategy()
-        if strategy is None:
-            raise ShardingError("describe_tiling: give mesh=..., or call it inside strategy.scope().")
-        mesh = strategy.mesh
-    shape = tuple(int(d) for d in shape)
-    if len(spec) != len(shape):
-        raise ShardingError(f"describe_tiling: spec {spec!r} does not match shape {shape}.")
-    names = tuple(names) + tuple(f"dim{i}" for i in range(len(names), len(shape)))
-    for axis, size in zip(spec, shape):
-        if axis is not None and size % mesh.axis_size(axis):
-            raise ShardingError(
-                f"describe_tiling: dimension of size {size} cannot split over "
-                f"mesh axis {axis!r} (size {mesh.axis_size(axis)})."
-            )
-    tile = tuple(s // (mesh.axis_size(a) if a else 1) for a, s in zip(spec, shape))
-    axes = mesh.axis_names
-    lines = [
-        f"tensor {shape} spec {_fmt(spec)} on mesh "
-        + " x ".join(f"{a}={mesh.axis_size(a)}" for a in axes),
-        f"per-device tile {tile} ({100.0 * math.prod(tile) / max(1, math.prod(shape)):.1f}% of the tensor)",
-        "device  " + "  ".join(f"{a:>5}" for a in axes) + "  " + "  ".join(f"{n:>9}" for n in names[: len(shape)]),
-    ]
-    coords = list(np.ndindex(*[mesh.axis_size(a) for a in axes]))
-    for device, coord in enumerate(coords):
-        where = dict(zip(axes, coord))
-        ranges = []
-        for a, s, t in zip(spec, shape, tile):
-            start = where[a] * t if a else 0
-            ranges.append(f"{start}:{start + t}")
-        lines.append(
-            f"{device:>6}  " + "  ".join(f"{c:>5}" for c in coord) + "  " + "  ".join(f"{r:>9}" for r in ranges)
-        )
-    if len(shape) == 4:
-        ha, wa = spec[1], spec[2]
-        nh = mesh.axis_size(ha) if ha else 1
-        nw = mesh.axis_size(wa) if wa else 1
-        lines.append(f"image map ({nh} row band(s) x {nw} column band(s); devices per tile):")
-        for i in range(nh):
-            cells = []
-            for j in range(nw):
-                owners = [
-                    str(d)
-                    for d, coord in enumerate(coords)
-                    if (ha is None or dict(zip(axes, coord))[ha] == i)
-                    and (wa is None or dict(zip(axes, coord))[wa] == j)
-                ]
-                cells.append(",".join(owners))
-            lines.append(f"  rows {i * tile[1]:>4}:{(i + 1) * tile[1]:<4} | " + " | ".join(cells))
-    return "\n".join(lines)
-
-
-def _fmt(spec):
-    return "(" + ", ".join("-" if a is None else str(a) for a in spec) + ")"
