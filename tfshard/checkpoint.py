@@ -97,7 +97,7 @@ from tfshard.errors import (
     CheckpointWriteError,
 )
 from tfshard.strategy import current_strategy
-from tfshard.tensors import layout_of
+from tfshard.tensors import spec_of
 from tfshard.training import strategy_of_model
 
 __all__ = [
@@ -141,7 +141,7 @@ class _Entry:
         self.path = getattr(variable, "path", None) or variable.name
         self.shape = [int(d) for d in variable.shape]
         self.dtype = tf.as_dtype(variable.dtype).name
-        spec = layout_of(variable)
+        spec = spec_of(variable)
         self.spec = None if spec is None else list(spec)
 
     def to_json(self):

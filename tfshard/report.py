@@ -19,7 +19,7 @@ from tfshard import _dtensor
 from tfshard._scope import current_strategy
 from tfshard.errors import ShardingError
 from tfshard.layout import validate_spec
-from tfshard.tensors import _numpy_dtype, layout_of, local_shape
+from tfshard.tensors import _numpy_dtype, local_shape, spec_of
 
 
 def _fmt_spec(spec):
@@ -45,7 +45,7 @@ def variable_rows(variables):
             {
                 "path": v.path,
                 "shape": shape,
-                "spec": layout_of(v),
+                "spec": spec_of(v),
                 "per_device_shape": per_device,
                 "per_device_bytes": int(np.prod(per_device, dtype=np.int64)) * itemsize,
                 "global_bytes": int(np.prod(shape, dtype=np.int64)) * itemsize,
@@ -149,7 +149,7 @@ def describe_tiling(x_or_spec, shape=None, mesh=None, *, names=("batch", "rows",
         if shape is None:
             raise ShardingError("describe_tiling(spec, shape, mesh): give the tensor's global shape.")
     else:
-        spec = layout_of(x_or_spec)
+        spec = spec_of(x_or_spec)
         if spec is None:
             raise ShardingError("describe_tiling: the tensor is not on a mesh; pass a spec and a shape instead.")
         shape = tuple(int(d) for d in x_or_spec.shape) if shape is None else shape

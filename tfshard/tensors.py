@@ -36,7 +36,7 @@ class VariableLayout:
         return f"VariableLayout({self.spec!r})"
 
 
-def layout_of(x):
+def spec_of(x):
     """The spec (tuple of mesh-axis names or None) of a sharded variable or
     tensor; ``None`` for a value that is not on a mesh."""
     layout = _keras.variable_layout(x)
@@ -45,6 +45,9 @@ def layout_of(x):
     if _dtensor.is_dtensor(x):
         return _dtensor.spec_of_layout(_dtensor.layout_of(x))
     return None
+
+
+layout_of = spec_of  # its former name (it returns a spec, not a DTensor layout)
 
 
 def local_shape(x):

@@ -109,4 +109,4 @@ print(strategy.describe(sharded))
 
 # %%
 kernel = sharded.get_layer("ffn_in").kernel
-print("spec", tfshard.layout_of(kernel), "global", tuple(kernel.shape), "per device", tfshard.local_shape(kernel))
+print("spec", tfshard.spec_of(kernel), "global", tuple(kernel.shape), "per device", tfshard.local_shape(kernel))

@@ -168,7 +168,7 @@ with spatial_strategy.scope():
     split_conv.build(sample.shape)
 split_conv.set_weights(conv.get_weights())
 out = split_conv(placed)
-print("output spec", tfshard.layout_of(out), "per-device shape", tfshard.local_shape(out))
+print("output spec", tfshard.spec_of(out), "per-device shape", tfshard.local_shape(out))
 with_halo = tfshard.to_numpy(out)
 np.testing.assert_allclose(with_halo, whole, rtol=1e-5, atol=1e-5)
 

@@ -95,7 +95,7 @@ print(path)
 for name in sorted(os.listdir(path)):
     print(f"  {name:<40} {os.path.getsize(os.path.join(path, name)):>8} bytes")
 
-manifest = tfshard.read_manifest(path)
+manifest = tfshard.checkpoint.read_manifest(path)
 print("step", manifest["step"], "mesh", manifest["mesh"]["axes"])
 for entry in manifest["variables"][:4]:
     print(" ", entry["path"], entry["shape"], entry["spec"])
@@ -125,7 +125,7 @@ for name, strategy in targets.items():
     restored[name] = model
     kernel = model.get_layer("block_0").ffn_in.kernel
     print(f"{name:>24}: all {len(expected)} variables equal; ffn_in/kernel spec "
-          f"{tfshard.layout_of(kernel)}, per device {tfshard.local_shape(kernel)}")
+          f"{tfshard.spec_of(kernel)}, per device {tfshard.local_shape(kernel)}")
 
 # %% [markdown]
 # The optimizer state came back too (Adam's moments and its step count), so

@@ -111,9 +111,9 @@ for name, rules in LAYOUTS.items():
         layer = ExpertParallelMoE(EXPERTS, D_FF, top_k=2, capacity_factor=1.0, group_size=16)
         layer.build(x.shape)
     kernel = layer.expert_in_kernel
-    print(f"\n{name}: expert_in_kernel spec {tfshard.layout_of(kernel)}, "
+    print(f"\n{name}: expert_in_kernel spec {tfshard.spec_of(kernel)}, "
           f"global {tuple(kernel.shape)}, per device {tfshard.local_shape(kernel)}")
-    tiles = report.device_tiles(tfshard.layout_of(kernel), kernel.shape, strategy.mesh)
+    tiles = report.device_tiles(tfshard.spec_of(kernel), kernel.shape, strategy.mesh)
     shards = report.device_shards(kernel)
     for tile, shard in zip(tiles, shards):
         experts, hidden = tile["slices"][0], tile["slices"][2]

@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from tfshard.errors import ShardingError
 from tfshard.layers.base import ShardedLayerMixin
+from tfshard.tensors import spec_of
 
 SPLITS = ("output", "input")
 
@@ -126,9 +127,7 @@ class _ChannelParallelConvMixin(ShardedLayerMixin):
         Without the pin DTensor may return the kernel gradient of
         ``split="input"`` replicated (its all-reduced einsum picks that
         layout), which the optimizer then has to slice."""
-        from tfshard.tensors import layout_of
-
-        spec = layout_of(variable)
+        spec = spec_of(variable)
         place = self.sharding_strategy.place
 
         @tf.custom_gradient
