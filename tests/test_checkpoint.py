@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tfshard
-from tfshard import checkpoint
+from tfshard import _checkpoint_store, checkpoint
 from tfshard.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
@@ -297,7 +297,7 @@ def test_save_killed_before_rename_is_ignored_and_cleaned(tmp_path, monkeypatch)
         raise KeyboardInterrupt
 
     monkeypatch.setitem(checkpoint._HOOKS, "written", killed)
-    monkeypatch.setattr(checkpoint, "_remove", lambda path: None)  # no cleanup, as in a kill
+    monkeypatch.setattr(_checkpoint_store, "remove", lambda path: None)  # no cleanup, as in a kill
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(model, tmp_path, step=2)
     monkeypatch.undo()

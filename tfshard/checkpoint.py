@@ -73,22 +73,22 @@ Validation before restore
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import os
-import re
-import shutil
 import time
 import uuid
-import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tfshard import _checkpoint_files as files
+from tfshard import _checkpoint_store as store
+from tfshard import _checkpoint_variables as variable_set
 from tfshard import _dtensor, multi_client
+from tfshard._checkpoint_restore import restore_checkpoint
+from tfshard._checkpoint_store import latest_checkpoint, list_checkpoints, read_manifest
 from tfshard._version import __version__
 from tfshard.errors import (
     CheckpointError,
@@ -96,8 +96,6 @@ from tfshard.errors import (
     CheckpointNotFoundError,
     CheckpointWriteError,
 )
-from tfshard.strategy import current_strategy
-from tfshard.tensors import spec_of
 from tfshard.training import strategy_of_model
 
 __all__ = [
@@ -112,329 +110,12 @@ __all__ = [
     "CheckpointWriteError",
 ]
 
-FORMAT = "tfshard.checkpoint"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-COMMIT_MARKER = "COMMITTED"
-VARIABLES_PREFIX = "variables"
-
-_CKPT_DIR = re.compile(r"^ckpt-(\d+)$")
-_TMP_PREFIX = ".tmp-ckpt-"
-_TRASH_PREFIX = ".trash-ckpt-"
-
 # Test hooks: name -> callable(path), run at the named point of a save.
 # "written": the temporary directory is complete, before the rename.
 # "renamed": renamed to ckpt-<step>, before the commit marker is written.
 _HOOKS = {}
 
 
-# ------------------------------------------------------- the variable set
-class _Entry:
-    """One variable of a model or optimizer, keyed by its object-graph path."""
-
-    __slots__ = ("key", "group", "variable", "path", "shape", "dtype", "spec")
-
-    def __init__(self, key, group, variable):
-        self.key = key
-        self.group = group
-        self.variable = variable
-        self.path = getattr(variable, "path", None) or variable.name
-        self.shape = [int(d) for d in variable.shape]
-        self.dtype = tf.as_dtype(variable.dtype).name
-        spec = spec_of(variable)
-        self.spec = None if spec is None else list(spec)
-
-    def to_json(self):
-        return {
-            "key": self.key,
-            "group": self.group,
-            "path": self.path,
-            "shape": self.shape,
-            "dtype": self.dtype,
-            "spec": self.spec,
-        }
-
-
-def _is_variable(obj):
-    return isinstance(obj, (keras.Variable, tf.Variable))
-
-
-def _name_order(name):
-    # List positions in numeric order ("2" before "10"), then names.
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-
-def _walk(root, prefix, group, skip_ids):
-    """Every variable reachable from ``root`` through checkpoint
-    dependencies, breadth first (shortest path wins, ties by name), keyed by
-    the path of dependency names from ``root``. Objects in ``skip_ids`` are
-    neither visited nor recorded."""
-    entries = []
-    recorded = set()
-    visited = {id(root)}
-    queue = collections.deque([(root, prefix)])
-    while queue:
-        obj, path = queue.popleft()
-        children = tf.train.TrackableView.children(obj)
-        for name in sorted(children, key=_name_order):
-            child = children[name]
-            if id(child) in skip_ids:
-                continue
-            child_path = f"{path}/{name}"
-            if _is_variable(child):
-                if id(child) not in recorded:
-                    recorded.add(id(child))
-                    entries.append(_Entry(child_path, group, child))
-                continue
-            if id(child) not in visited:
-                visited.add(id(child))
-                queue.append((child, child_path))
-    return entries
-
-
-def _optimizer_of(model):
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or not isinstance(optimizer, tf.__internal__.tracking.Trackable):
-        return None
-    return optimizer
-
-
-def _model_entries(model):
-    optimizer = _optimizer_of(model)
-    skip = {id(optimizer)} if optimizer is not None else set()
-    return _walk(model, "model", "model", skip)
-
-
-def _optimizer_entries(model, model_entries):
-    optimizer = _optimizer_of(model)
-    if optimizer is None:
-        return []
-    skip = {id(e.variable) for e in model_entries}
-    return _walk(optimizer, "optimizer", "optimizer", skip)
-
-
-def _scope_of(strategy):
-    if strategy is None or current_strategy() is strategy:
-        return contextlib.nullcontext()
-    return strategy.scope()
-
-
-def _build_optimizer(model, strategy):
-    """Create the optimizer's slots (inside the model's strategy, so they
-    take their parameters' layouts) if it has none yet."""
-    optimizer = _optimizer_of(model)
-    if optimizer is not None and not getattr(optimizer, "built", True):
-        with _scope_of(strategy):
-            optimizer.build(model.trainable_variables)
-
-
-def _check_model(model, action):
-    if not isinstance(model, keras.layers.Layer):
-        raise CheckpointError(
-            f"{action}: expected a Keras model, got {type(model).__name__}."
-        )
-    if not model.weights:
-        raise CheckpointError(
-            f"{action}: model {model.name!r} has no variables yet. Build it "
-            "first (give it a keras.Input, call model.build(shape), or call "
-            "it on a batch), inside strategy.scope() for a sharded model."
-        )
-
-
-# ------------------------------------------------------------ the files
-def _fsync(path, directory=False):
-    flags = os.O_RDONLY
-    if directory:
-        flags |= getattr(os, "O_DIRECTORY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:  # e.g. Windows cannot open directories
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:  # some file systems cannot fsync directories
-            raise
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root):
-    for dirpath, _, filenames in os.walk(root):
-        for filename in filenames:
-            _fsync(os.path.join(dirpath, filename))
-        _fsync(dirpath, directory=True)
-
-
-def _write_file(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _step_of(name):
-    match = _CKPT_DIR.match(name)
-    return int(match.group(1)) if match else None
-
-
-def _is_committed(path):
-    return os.path.isfile(os.path.join(path, COMMIT_MARKER))
-
-
-def list_checkpoints(directory):
-    """Paths of the committed checkpoints in ``directory``, oldest (lowest
-    step) first. Uncommitted or partial saves are not listed."""
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        return []
-    found = []
-    for name in os.listdir(directory):
-        step = _step_of(name)
-        path = os.path.join(directory, name)
-        if step is not None and os.path.isdir(path) and _is_committed(path):
-            found.append((step, path))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(directory):
-    """The committed checkpoint with the highest step in ``directory``, or
-    ``None`` if there is none."""
-    found = list_checkpoints(directory)
-    return found[-1] if found else None
-
-
-def _remove(path):
-    """Delete a directory: first renamed out of the ``ckpt-*`` namespace (so
-    a crash midway never leaves a half-deleted checkpoint that looks
-    committed), then removed."""
-    parent, name = os.path.split(path)
-    trash = os.path.join(parent, f"{_TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(path, trash)
-    except OSError:
-        trash = path
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _clean_up(directory):
-    """Remove what interrupted saves and deletions left behind."""
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        if not os.path.isdir(path):
-            continue
-        if name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
-            shutil.rmtree(path, ignore_errors=True)
-        elif _step_of(name) is not None and not _is_committed(path):
-            _remove(path)
-
-
-def _prune(directory, max_to_keep, keep):
-    if max_to_keep is None:
-        return
-    committed = list_checkpoints(directory)
-    old = [p for p in committed[: max(len(committed) - max_to_keep, 0)] if p != keep]
-    for path in old:
-        _remove(path)
-
-
-def _older_than(path):
-    """The committed checkpoint saved just before ``path`` (the next newest
-    beside it), or None."""
-    parent, name = os.path.split(os.path.normpath(path))
-    step = _step_of(name)
-    older = [p for p in list_checkpoints(parent) if step is None or _step_of(os.path.basename(p)) < step]
-    return older[-1] if older else None
-
-
-def _corrupt(path, file, problem, *, unchanged=True):
-    """The CheckpointError for a corrupt or incomplete checkpoint at
-    ``path``: the file at fault, the problem, the model's state and the
-    next newest committed checkpoint to use instead."""
-    older = _older_than(path)
-    use = (
-        f"The next newest committed checkpoint is {older!r}: restore that one "
-        f"(restore_checkpoint(model, {older!r})), or delete {path!r} so that it is the latest."
-        if older else
-        f"There is no older committed checkpoint beside it; delete {path!r} and start afresh."
-    )
-    state = (
-        "The model was not changed. " if unchanged else
-        "The model may be partly restored: restore an intact checkpoint before using it. "
-    )
-    where = os.path.join(path, file) if file else f"one of its variable files in {path!r}"
-    return CheckpointError(
-        f"Checkpoint {path!r} is corrupt or incomplete: {where} {problem}. {state}{use}"
-    )
-
-
-def read_manifest(path):
-    """The manifest (a dict) of a committed checkpoint directory, validated:
-    valid JSON, an object with the keys tfshard needs. Raises
-    CheckpointError naming the file and the next newest checkpoint."""
-    path = os.fspath(path)
-    manifest_path = os.path.join(path, MANIFEST)
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(
-            f"{path!r} is not a tfshard checkpoint: it has no {MANIFEST}."
-        ) from None
-    except UnicodeDecodeError:
-        raise _corrupt(path, MANIFEST, "is not UTF-8 text") from None
-    except OSError as err:
-        raise _corrupt(path, MANIFEST, f"cannot be read ({err.strerror})") from None
-    manifest, problem = files.manifest_problem(text)
-    if problem is not None:
-        raise _corrupt(path, MANIFEST, problem)
-    if manifest["format"] != FORMAT:
-        raise CheckpointError(
-            f"{manifest_path!r} is not a tfshard checkpoint manifest (format "
-            f"{manifest['format']!r}, expected {FORMAT!r})."
-        )
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"Checkpoint {path!r} has format version {manifest['format_version']}; "
-            f"this tfshard ({__version__}) reads versions up to {FORMAT_VERSION}. "
-            "Upgrade tfshard to read it."
-        )
-    return manifest
-
-
-def _resolve(directory_or_path):
-    """A committed checkpoint directory from a checkpoint or parent path."""
-    path = os.fspath(directory_or_path)
-    if not os.path.isdir(path):
-        raise CheckpointNotFoundError(
-            f"No checkpoint at {path!r}: it does not exist or is not a directory."
-        )
-    if _is_committed(path):
-        return path
-    name = os.path.basename(os.path.normpath(path))
-    if os.path.isfile(os.path.join(path, MANIFEST)) or _step_of(name) is not None:
-        latest = latest_checkpoint(os.path.dirname(os.path.normpath(path)))
-        fix = (
-            f"The latest committed checkpoint there is {latest!r}."
-            if latest
-            else "There is no committed checkpoint beside it."
-        )
-        raise CheckpointError(
-            f"Checkpoint {path!r} was never committed (it has no {COMMIT_MARKER} "
-            f"marker): its save was interrupted and it may be incomplete. {fix}"
-        )
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointNotFoundError(
-            f"No committed checkpoint in {path!r} (looked for ckpt-<step> "
-            f"directories with a {COMMIT_MARKER} marker)."
-        )
-    return latest
-
-
-# ------------------------------------------------------------------ save
 def _versions():
     return {
         "tfshard": __version__,
@@ -456,12 +137,12 @@ def _mesh_json(strategy):
 
 
 def _default_step(model, directory):
-    optimizer = _optimizer_of(model)
+    optimizer = variable_set.optimizer_of(model)
     iterations = getattr(optimizer, "iterations", None)
     if iterations is not None:
         return int(np.asarray(iterations.numpy()))
-    latest = latest_checkpoint(directory)
-    return 0 if latest is None else _step_of(os.path.basename(latest)) + 1
+    latest = store.latest_checkpoint(directory)
+    return 0 if latest is None else store.step_of(os.path.basename(latest)) + 1
 
 
 def _check_count(name, value, minimum):
@@ -495,7 +176,7 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
     Returns:
         The path of the committed checkpoint directory.
     """
-    _check_model(model, "save_checkpoint")
+    variable_set.check_model(model, "save_checkpoint")
     if not tf.executing_eagerly():
         raise CheckpointError(
             "save_checkpoint must run eagerly, not inside a tf.function; call "
@@ -516,25 +197,25 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
     final = os.path.join(directory, f"ckpt-{step}")
 
     def prepare():
-        with _write_errors(directory, final, latest_checkpoint(directory)):
+        with _write_errors(directory, final, store.latest_checkpoint(directory)):
             os.makedirs(directory, exist_ok=True)
-            _clean_up(directory)
+            store.clean_up(directory)
         if os.path.exists(final):
             raise CheckpointError(
                 f"Checkpoint {final!r} already exists. Pass another step= to "
                 "save_checkpoint, or delete the old checkpoint first."
             )
-        return latest_checkpoint(directory)
+        return store.latest_checkpoint(directory)
 
     previous = multi_client.run_on_chief("save_checkpoint (prepare)", prepare, error=CheckpointError)
 
-    _build_optimizer(model, strategy)
-    model_entries = _model_entries(model)
-    entries = model_entries + _optimizer_entries(model, model_entries)
-    optimizer = _optimizer_of(model)
+    variable_set.build_optimizer(model, strategy)
+    model_entries = variable_set.model_entries(model)
+    entries = model_entries + variable_set.optimizer_entries(model, model_entries)
+    optimizer = variable_set.optimizer_of(model)
     manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": store.FORMAT,
+        "format_version": store.FORMAT_VERSION,
         "step": step,
         "created": time.time(),
         "versions": _versions(),
@@ -543,14 +224,14 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
         "optimizer": None
         if optimizer is None
         else {"name": optimizer.name, "class": type(optimizer).__name__},
-        "variables_prefix": VARIABLES_PREFIX,
+        "variables_prefix": store.VARIABLES_PREFIX,
         "variables": [e.to_json() for e in entries],
         "metadata": metadata if metadata is not None else {},
     }
     json.dumps(manifest)  # fail before writing anything
 
     def make_tmp():
-        path = os.path.join(directory, f"{_TMP_PREFIX}{step}-{uuid.uuid4().hex[:8]}")
+        path = os.path.join(directory, f"{store.TMP_PREFIX}{step}-{uuid.uuid4().hex[:8]}")
         with _write_errors(directory, final, previous):
             os.mkdir(path)
         return path
@@ -562,7 +243,7 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
         try:
             _commit()
         except BaseException:
-            _remove(final if renamed else tmp)  # before the others hear of it
+            store.remove(final if renamed else tmp)  # before the others hear of it
             raise
 
     def _commit():
@@ -570,18 +251,18 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
         with _write_errors(directory, final, previous):
             # Each variable file's size and checksum, for restore to check.
             manifest["files"] = files.file_records(tmp)
-            _write_file(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
-            _fsync_tree(tmp)
+            store.write_file(os.path.join(tmp, store.MANIFEST), json.dumps(manifest, indent=1))
+            store.fsync_tree(tmp)
             _run_hook("written", tmp)
             os.rename(tmp, final)
             renamed = True
-            _fsync(directory, directory=True)
+            store.fsync(directory, directory=True)
             _run_hook("renamed", final)
             # The marker appears whole or not at all (written aside, renamed).
-            marker = os.path.join(final, COMMIT_MARKER)
-            _write_file(marker + ".tmp", json.dumps({"step": step}) + "\n")
+            marker = os.path.join(final, store.COMMIT_MARKER)
+            store.write_file(marker + ".tmp", json.dumps({"step": step}) + "\n")
             os.rename(marker + ".tmp", marker)
-            _fsync(final, directory=True)
+            store.fsync(final, directory=True)
 
     try:
         tracked = {"model": model}
@@ -607,7 +288,7 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
         # Sharded variables: each process writes its devices' shards. A
         # plain model is whole in every process: process 0 writes it.
         if strategy is not None or chief:
-            cause = _write_variables(root, os.path.join(tmp, VARIABLES_PREFIX), strategy)
+            cause = _write_variables(root, os.path.join(tmp, store.VARIABLES_PREFIX), strategy)
         # Every process's shards are on disk before process 0 commits.
         failed = multi_client.failures("save_checkpoint (write)", cause)
         if failed:
@@ -615,10 +296,10 @@ def save_checkpoint(model, directory, step=None, max_to_keep=None, *, metadata=N
         multi_client.run_on_chief("save_checkpoint (commit)", commit, error=CheckpointError)
     except BaseException:
         if chief:
-            _remove(final if renamed else tmp)
+            store.remove(final if renamed else tmp)
         raise
     if chief:
-        _prune(directory, max_to_keep, keep=final)
+        store.prune(directory, max_to_keep, keep=final)
     return final
 
 
@@ -638,18 +319,6 @@ def _device_bytes(entries, strategy):
     return total
 
 
-def _settle(strategy):
-    """Wait for the asynchronous ops a save or restore started; clear the
-    error state a failed one leaves (so the next op, fit or save works).
-    Returns the error a pending op failed with, or None."""
-    if strategy is None:
-        from tensorflow.python.eager import context
-
-        context.context().clear_executor_errors()
-        return None
-    return _dtensor.settle(strategy.mesh._dtensor_mesh)
-
-
 def _write_variables(root, prefix, strategy):
     """Write the variable files; returns None, or the failure's
     ``[cause in words, errno, fix]`` (it is sent to the other processes)."""
@@ -658,11 +327,11 @@ def _write_variables(root, prefix, strategy):
             # A failed write must not cancel the save's collective group for
             # good: form it first (see _dtensor.complete_collective_groups).
             _dtensor.complete_collective_groups(strategy.mesh._dtensor_mesh)
-        with _scope_of(strategy):
+        with variable_set.scope_of(strategy):
             root.write(prefix)
-        error = _settle(strategy)
+        error = variable_set.settle(strategy)
     except Exception as err:  # TensorFlow's or the OS's: worded below
-        _settle(strategy)
+        variable_set.settle(strategy)
         error = err
     return None if error is None else list(files.write_cause(error))
 
@@ -675,7 +344,7 @@ def _write_error(directory, final, previous, failed, tmp=None):
     process raises it."""
     if tmp is not None:
         if multi_client.is_chief():
-            _remove(tmp)
+            store.remove(tmp)
         multi_client.barrier("save_checkpoint (cleaned up)")
     causes = sorted(failed.items())
     (_, (cause, code, fix)) = causes[0]
@@ -708,176 +377,3 @@ def _write_errors(directory, final, previous):
         if isinstance(err, CheckpointError):
             raise
         raise _write_error(directory, final, previous, {0: list(files.write_cause(err))}) from err
-
-
-# --------------------------------------------------------------- restore
-class _Dependencies(tf.__internal__.tracking.Trackable):
-    """Stands in for an object in a restore, with a chosen set of its
-    checkpoint dependencies. Restoring through it binds nothing to the real
-    object, so checkpoint values the restore skips (the optimizer's, for a
-    model restored without it) are not kept as deferred restorations that
-    would fire when the model later gets an optimizer."""
-
-    def __init__(self, children):
-        self._tfshard_children = dict(children)
-
-    def _trackable_children(self, save_type="checkpoint", **kwargs):
-        return dict(self._tfshard_children)
-
-
-def _limited(names, limit=20):
-    names = list(names)
-    if len(names) <= limit:
-        return ", ".join(names)
-    return ", ".join(names[:limit]) + f", ... ({len(names) - limit} more)"
-
-
-def _compare(saved, live, what):
-    """Problems between saved manifest entries and live entries, by key."""
-    saved_by_key = {e["key"]: e for e in saved}
-    live_by_key = {e.key: e for e in live}
-    missing = [e.path for e in live if e.key not in saved_by_key]
-    unexpected = [e["path"] for e in saved if e["key"] not in live_by_key]
-    lines = []
-    if missing:
-        lines.append(f"  in the {what} but not in the checkpoint: {_limited(missing)}")
-    if unexpected:
-        lines.append(f"  in the checkpoint but not in the {what}: {_limited(unexpected)}")
-    shapes, dtypes = [], []
-    for e in live:
-        s = saved_by_key.get(e.key)
-        if s is None:
-            continue
-        if list(s["shape"]) != e.shape:
-            shapes.append(e.path)
-            lines.append(
-                f"  shape mismatch: {e.path}: checkpoint {tuple(s['shape'])}, "
-                f"{what} {tuple(e.shape)}"
-            )
-        if s["dtype"] != e.dtype:
-            dtypes.append(e.path)
-            lines.append(f"  dtype mismatch: {e.path}: checkpoint {s['dtype']}, {what} {e.dtype}")
-    return missing, unexpected, shapes, dtypes, lines
-
-
-def _raise_mismatch(path, model, problems, hint):
-    missing, unexpected, shapes, dtypes, lines = problems
-    raise CheckpointMismatchError(
-        f"Checkpoint {path!r} does not match model {model.name!r}; the model "
-        "was not changed:\n" + "\n".join(lines) + "\n" + hint,
-        missing=missing,
-        unexpected=unexpected,
-        shape_mismatches=shapes,
-        dtype_mismatches=dtypes,
-    )
-
-
-def restore_checkpoint(model, directory_or_path, *, weights_only=False, verify=True):
-    """Restore ``model`` from a checkpoint, onto whatever mesh and layout
-    the model has (or into a plain model).
-
-    Args:
-        model: a built Keras model, sharded or plain.
-        directory_or_path: a ``ckpt-<step>`` directory, or a checkpoint
-            directory (its latest committed checkpoint is used).
-        weights_only: restore the model's weights and leave its optimizer
-            alone. Otherwise the optimizer state is restored too when both
-            the model and the checkpoint have one (the optimizer is built
-            first if it has no slots yet).
-        verify: check every variable file's CRC-32 against the manifest
-            before reading (one more read of the files). Their presence and
-            sizes are always checked.
-
-    Returns:
-        The path of the checkpoint restored.
-
-    Raises:
-        CheckpointNotFoundError: no committed checkpoint there.
-        CheckpointMismatchError: the checkpoint is another model's (missing or
-            extra variables, other shapes or dtypes). The model is unchanged.
-        CheckpointError: the checkpoint is corrupt or incomplete (a missing,
-            truncated or changed file, a malformed manifest); the message
-            names the file and the next newest committed checkpoint. Found
-            before the read, the model is unchanged; a read that fails
-            anyway (an I/O error) may leave it partly restored.
-    """
-    _check_model(model, "restore_checkpoint")
-    if not tf.executing_eagerly():
-        raise CheckpointError("restore_checkpoint must run eagerly, not inside a tf.function.")
-    strategy = strategy_of_model(model)
-    path = _resolve(directory_or_path)
-    manifest = read_manifest(path)
-    saved_model = [e for e in manifest["variables"] if e["group"] == "model"]
-    saved_optimizer = [e for e in manifest["variables"] if e["group"] == "optimizer"]
-
-    model_entries = _model_entries(model)
-    problems = _compare(saved_model, model_entries, "model")
-    if any(problems[:4]):
-        _raise_mismatch(
-            path,
-            model,
-            problems,
-            "Restore into a model built by the same code (the same layers, in "
-            "the same order, with the same shapes and dtypes); sharding and "
-            "mesh may differ.",
-        )
-
-    optimizer = None if weights_only else _optimizer_of(model)
-    if optimizer is not None and not saved_optimizer:
-        warnings.warn(
-            f"Checkpoint {path!r} holds no optimizer state; the optimizer of "
-            f"model {model.name!r} keeps its current state.",
-            stacklevel=2,
-        )
-        optimizer = None
-    if optimizer is not None:
-        _build_optimizer(model, strategy)
-        live = _optimizer_entries(model, model_entries)
-        problems = _compare(saved_optimizer, live, "optimizer")
-        if any(problems[:4]):
-            _raise_mismatch(
-                path,
-                model,
-                problems,
-                f"The checkpoint's optimizer ({(manifest.get('optimizer') or {}).get('class')}) "
-                f"does not match the model's ({type(optimizer).__name__}). Compile "
-                "the model with the same optimizer, or pass weights_only=True to "
-                "restore the weights alone.",
-            )
-
-    opt = _optimizer_of(model)
-    model_children = {
-        name: child
-        for name, child in tf.train.TrackableView.children(model).items()
-        if opt is None or child is not opt
-    }
-    root_children = {"model": _Dependencies(model_children)}
-    if optimizer is not None:
-        root_children["optimizer"] = optimizer
-    root = tf.train.Checkpoint(**root_children)
-    prefix = manifest.get("variables_prefix", VARIABLES_PREFIX)
-    if not isinstance(prefix, str) or not prefix or os.sep in prefix:
-        raise _corrupt(path, MANIFEST, f"has variables_prefix={prefix!r}, not a file name prefix")
-
-    def check_files():  # on process 0 only: one read of a shared directory
-        try:
-            problem = files.file_problem(path, manifest, prefix, checksums=verify)
-        except OSError as err:
-            problem = (os.path.basename(err.filename or "") or None, f"cannot be read ({err.strerror})")
-        if problem is not None:
-            raise _corrupt(path, *problem)
-
-    multi_client.run_on_chief("restore_checkpoint (check files)", check_files, error=CheckpointError)
-    try:
-        if strategy is not None:
-            _dtensor.complete_collective_groups(strategy.mesh._dtensor_mesh)  # as for a save
-        with _scope_of(strategy):
-            status = root.read(os.path.join(path, prefix))
-        error = _settle(strategy)  # DTensor reads asynchronously: wait for the values
-    except Exception as err:  # TensorFlow's read error: worded below
-        _settle(strategy)
-        error = err
-    if error is not None:
-        raise _corrupt(path, *files.read_problem(error, path, prefix), unchanged=False) from error
-    status.expect_partial()  # skipped parts (e.g. the optimizer) are intended
-    return path
