@@ -24,6 +24,11 @@ What every process must do the same way
     until every process reaches it. When a process dies or stops responding,
     the others raise :class:`tfshard.errors.ProcessLostError` instead of
     waiting for ever (see ``heartbeat_timeout``).
+
+This module holds the job's state, its start-up, queries and coordination
+(barriers, broadcasts, failures reported by every process); reading and
+checking the settings is :mod:`tfshard._cluster_settings`, per-process
+input :mod:`tfshard._process_input` (both re-exported here).
 """
 
 from __future__ import annotations
@@ -33,11 +38,27 @@ import dataclasses
 import json
 import os
 import random
-import re
 import sys
 import weakref
 
-from tfshard import _dtensor
+from tfshard import _cluster_settings, _dtensor
+from tfshard._cluster_settings import (  # noqa: F401  (part of this module's API)
+    DEFAULT_TIMEOUT,
+    ENV_CLIENT_ID,
+    ENV_DEVICE_TYPE,
+    ENV_DEVICES_PER_PROCESS,
+    ENV_JOB_NAME,
+    ENV_JOBS,
+    ENV_NCCL,
+    ENV_NUM_CLIENTS,
+    ClusterSpec,
+)
+from tfshard._process_input import (  # noqa: F401  (part of this module's API)
+    InputContext,
+    data_positions,
+    is_process_local,
+    process_local,
+)
 from tfshard.errors import MultiClientError, ProcessLostError, TfshardError
 
 __all__ = [
@@ -59,159 +80,8 @@ __all__ = [
     "is_process_local",
 ]
 
-ENV_CLIENT_ID = "DTENSOR_CLIENT_ID"
-ENV_NUM_CLIENTS = "DTENSOR_NUM_CLIENTS"
-ENV_JOB_NAME = "DTENSOR_JOB_NAME"
-ENV_JOBS = "DTENSOR_JOBS"
-ENV_DEVICES_PER_PROCESS = "TFSHARD_DEVICES_PER_PROCESS"
-ENV_DEVICE_TYPE = "TFSHARD_DEVICE_TYPE"
-ENV_NCCL = "DTENSOR_GPU_USE_NCCL_COMMUNICATION"
-
-_DEVICE_TYPES = ("CPU", "GPU", "TPU")
-_JOB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-_ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-/]+):(?P<port>\d+)$")
-
-# Default waits (seconds) for coordination between processes. A dead process
-# is normally noticed much sooner: its peers' gRPC calls are refused.
-DEFAULT_TIMEOUT = 600.0
-
-
-@dataclasses.dataclass(frozen=True)
-class ClusterSpec:
-    """The multi-client job this process belongs to."""
-
-    client_id: int
-    num_clients: int
-    job_name: str
-    jobs: tuple
-    device_type: str
-    devices_per_process: int
-    seed: int | None
-    timeout: float
-
-    @property
-    def is_chief(self) -> bool:
-        """Process 0: it writes logs, metrics and checkpoint commits."""
-        return self.client_id == 0
-
-    @property
-    def multi_client(self) -> bool:
-        return self.num_clients > 1
-
-
 _CLUSTER = None  # the ClusterSpec, once initialized
 _COUNTERS = {}  # barrier / broadcast name -> calls so far (same on every process)
-
-
-# ------------------------------------------------------------- settings
-def _env(name):
-    value = os.environ.get(name)
-    return None if value is None or value.strip() == "" else value.strip()
-
-
-def _as_int(name, value, source):
-    if isinstance(value, bool):
-        raise MultiClientError(f"{name}={value!r} ({source}) must be an integer.")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise MultiClientError(
-            f"{name}={value!r} ({source}) is not an integer."
-        ) from None
-
-
-def _pick(name, argument, env_name, convert=lambda v, source: v):
-    """The argument, else the environment variable; both set and different
-    is an error (a launcher and the code disagree about the cluster)."""
-    env_value = _env(env_name)
-    if argument is not None:
-        value = convert(argument, f"argument {name}")
-        if env_value is not None and convert(env_value, f"${env_name}") != value:
-            raise MultiClientError(
-                f"initialize_multi_client({name}={argument!r}) contradicts the "
-                f"environment variable {env_name}={env_value!r}. Pass the "
-                f"argument or set the variable, not both (or make them agree)."
-            )
-        return value
-    if env_value is not None:
-        return convert(env_value, f"${env_name}")
-    return None
-
-
-def _parse_jobs(value, source):
-    if isinstance(value, str):
-        items = [item.strip() for item in value.split(",")]
-    else:
-        try:
-            items = [str(item).strip() for item in value]
-        except TypeError:
-            raise MultiClientError(
-                f"jobs={value!r} ({source}) must be a list of 'host:port' "
-                "strings or a comma-separated string."
-            ) from None
-    items = [item for item in items if item]
-    for item in items:
-        match = _ADDRESS.match(item)
-        if not match or not 0 < int(match.group("port")) < 65536:
-            raise MultiClientError(
-                f"jobs entry {item!r} ({source}) is not 'host:port' with a port "
-                "in 1..65535, e.g. '10.0.0.1:12345' or 'localhost:12345'."
-            )
-    duplicates = sorted({item for item in items if items.count(item) > 1})
-    if duplicates:
-        raise MultiClientError(
-            f"jobs ({source}) lists {duplicates} more than once; every process "
-            "needs its own host:port."
-        )
-    return tuple(items)
-
-
-def _resolve_device_type(device_type):
-    if device_type is None:
-        return _dtensor.preferred_device_type()
-    kind = str(device_type).upper()
-    if kind not in _DEVICE_TYPES:
-        raise MultiClientError(
-            f"device_type={device_type!r} is not one of {_DEVICE_TYPES}."
-        )
-    return kind
-
-
-def _resolve_devices(device_type, devices_per_process):
-    """How many devices of ``device_type`` this process brings."""
-    if device_type == "CPU":
-        if devices_per_process is None:
-            return 1
-        return devices_per_process
-    present = _dtensor.physical_device_count(device_type)
-    if present == 0:
-        raise MultiClientError(
-            f"device_type={device_type!r} but this process sees no "
-            f"{device_type}. Check the drivers and CUDA_VISIBLE_DEVICES, or use "
-            "device_type='CPU'."
-        )
-    if devices_per_process is None:
-        return present
-    if device_type == "TPU" and devices_per_process != present:
-        raise MultiClientError(
-            f"devices_per_process={devices_per_process} but this host has "
-            f"{present} TPU cores; DTensor meshes on TPU use every core. Leave "
-            "devices_per_process unset."
-        )
-    if devices_per_process > present:
-        raise MultiClientError(
-            f"devices_per_process={devices_per_process} but this process sees "
-            f"only {present} {device_type}(s)."
-        )
-    return devices_per_process
-
-
-def _check_timeout(name, value):
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise MultiClientError(f"{name}={value!r} must be a positive number of seconds or None.")
-    return int(value * 1000)
 
 
 def initialize_multi_client(
@@ -279,80 +149,12 @@ def initialize_multi_client(
     requested = (client_id, num_clients, jobs, job_name, devices_per_process, device_type, seed)
     if _CLUSTER is not None and all(value is None for value in requested):
         return _CLUSTER  # called again (e.g. by library code): the job it joined
-    jobs = _pick("jobs", jobs, ENV_JOBS, _parse_jobs) or ()
-    num_clients = _pick(
-        "num_clients", num_clients, ENV_NUM_CLIENTS, lambda v, s: _as_int("num_clients", v, s)
+    spec, (heartbeat_ms, connect_ms, shutdown_ms) = _cluster_settings.resolve(
+        client_id, num_clients, jobs, job_name, devices_per_process, device_type, seed,
+        timeout, heartbeat_timeout, connect_timeout, shutdown_timeout,
     )
-    client_id = _pick(
-        "client_id", client_id, ENV_CLIENT_ID, lambda v, s: _as_int("client_id", v, s)
-    )
-    job_name = _pick("job_name", job_name, ENV_JOB_NAME, lambda v, s: str(v))
-    devices_per_process = _pick(
-        "devices_per_process",
-        devices_per_process,
-        ENV_DEVICES_PER_PROCESS,
-        lambda v, s: _as_int("devices_per_process", v, s),
-    )
-    device_type = _pick("device_type", device_type, ENV_DEVICE_TYPE, lambda v, s: str(v).upper())
-
-    if num_clients is None:
-        num_clients = max(len(jobs), 1)
-    if num_clients < 1:
-        raise MultiClientError(f"num_clients={num_clients} must be at least 1.")
-    if num_clients > 1 and not jobs:
-        raise MultiClientError(
-            f"num_clients={num_clients} but no jobs are given: pass jobs=[...] "
-            f"or set {ENV_JOBS}='host0:port,host1:port,...' with one host:port "
-            "per process (the same list in every process)."
-        )
-    if jobs and len(jobs) != num_clients:
-        raise MultiClientError(
-            f"num_clients={num_clients} but jobs lists {len(jobs)} processes "
-            f"({', '.join(jobs)}); give one host:port per process."
-        )
-    if client_id is None:
-        if num_clients > 1:
-            raise MultiClientError(
-                f"This process is one of {num_clients} but does not know which: "
-                f"pass client_id= or set {ENV_CLIENT_ID} (0 .. {num_clients - 1})."
-            )
-        client_id = 0
-    if not 0 <= client_id < num_clients:
-        raise MultiClientError(
-            f"client_id={client_id} is out of range for num_clients={num_clients}; "
-            f"use 0 .. {num_clients - 1}."
-        )
-    if job_name is None:
-        job_name = "worker" if num_clients > 1 else "localhost"
-    if not _JOB_NAME.match(job_name):
-        raise MultiClientError(
-            f"job_name={job_name!r} must start with a letter and contain only "
-            "letters, digits, '_' and '-'."
-        )
-    if devices_per_process is not None and devices_per_process < 1:
-        raise MultiClientError(
-            f"devices_per_process={devices_per_process} must be at least 1."
-        )
-    heartbeat_ms = _check_timeout("heartbeat_timeout", heartbeat_timeout)
-    connect_ms = _check_timeout("connect_timeout", connect_timeout)
-    shutdown_ms = _check_timeout("shutdown_timeout", shutdown_timeout)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise MultiClientError(f"timeout={timeout!r} must be a positive number of seconds.")
-    if seed is not None:
-        seed = _as_int("seed", seed, "argument seed")
-    device_type = _resolve_device_type(device_type)
-    devices = _resolve_devices(device_type, devices_per_process)
-
-    spec = ClusterSpec(
-        client_id=client_id,
-        num_clients=num_clients,
-        job_name=job_name,
-        jobs=tuple(jobs),
-        device_type=device_type,
-        devices_per_process=devices,
-        seed=seed,
-        timeout=float(timeout),
-    )
+    client_id, num_clients, jobs, job_name = spec.client_id, spec.num_clients, spec.jobs, spec.job_name
+    device_type, devices, seed = spec.device_type, spec.devices_per_process, spec.seed
     if _CLUSTER is not None:
         same = dataclasses.replace(_CLUSTER, seed=spec.seed, timeout=spec.timeout)
         if same == spec and seed in (None, _CLUSTER.seed):
@@ -656,92 +458,7 @@ def all_succeeded(name, failure=None, *, error=RuntimeError, timeout=None):
 
 
 # ------------------------------------------------------ per-process input
-@dataclasses.dataclass(frozen=True)
-class InputContext:
-    """Which rows of every global batch this process feeds.
-
-    The data axis of a mesh is split among the processes: with 2 processes
-    of 4 devices on a ``{"batch": 2, "model": 4}`` mesh, process 0 holds the
-    devices of batch row 0 and process 1 those of row 1. So each process
-    needs only half of each global batch: ``num_input_shards == 2`` and
-    ``input_shard_index`` is 0 or 1. Processes that hold the same data-axis
-    positions (a model axis that spans processes) share an input shard and
-    must feed the same rows.
-    """
-
-    num_input_shards: int
-    input_shard_index: int
-    local_data_parallel: int  # data-axis positions on this process
-
-    def local_batch_size(self, global_batch_size):
-        """The rows of each global batch this process feeds."""
-        global_batch_size = int(global_batch_size)
-        unit = self.num_input_shards * self.local_data_parallel
-        if global_batch_size <= 0 or global_batch_size % unit:
-            raise MultiClientError(
-                f"global_batch_size={global_batch_size} cannot be split into "
-                f"{self.num_input_shards} process shards of "
-                f"{self.local_data_parallel} data-parallel device(s) each; use "
-                f"a multiple of {unit}."
-            )
-        return global_batch_size // self.num_input_shards
-
-    def shard_dataset(self, dataset, global_batch_size):
-        """This process's part of ``dataset`` (a ``tf.data.Dataset`` of
-        single examples), batched: each local batch is this process's share
-        of one global batch, and every process yields the same number of
-        batches (a final partial global batch is dropped).
-
-        The union of the processes' i-th batches is the same set of examples
-        as the i-th batch of ``dataset.batch(global_batch_size)``, so the
-        mean loss and the gradients equal a single-process run. The result
-        is marked :func:`process_local` for ``model.fit``.
-        """
-        import tensorflow as tf
-
-        local = self.local_batch_size(global_batch_size)
-        cardinality = int(dataset.cardinality())
-        if cardinality >= 0:
-            # Whole global batches only, so every shard has as many batches.
-            dataset = dataset.take(cardinality // global_batch_size * global_batch_size)
-            dataset = dataset.shard(self.num_input_shards, self.input_shard_index)
-            dataset = dataset.batch(local, drop_remainder=True)
-        else:
-            # Unknown length: batch globally, keep this process's rows.
-            begin = self.input_shard_index * local
-
-            def rows(*batch):
-                mine = tf.nest.map_structure(lambda t: t[begin : begin + local], batch)
-                return mine if len(mine) > 1 else mine[0]
-
-            dataset = dataset.batch(global_batch_size, drop_remainder=True).map(rows)
-        return process_local(dataset)
-
-
-_CONTEXTS = weakref.WeakKeyDictionary()
-
-
-def _data_positions(strategy):
-    """Per process: the sorted data-axis positions of its mesh devices."""
-    import tensorflow as tf
-
-    mesh = strategy.mesh
-    axis = strategy.data_axis
-    positions = {}
-    for flat, device in enumerate(mesh.devices):
-        task = tf.DeviceSpec.from_string(device).task or 0
-        coords = _unravel(flat, mesh.shape)
-        value = coords[mesh.axis_names.index(axis)] if axis is not None else 0
-        positions.setdefault(task, set()).add(value)
-    return {task: sorted(values) for task, values in positions.items()}
-
-
-def _unravel(flat, shape):
-    coords = []
-    for size in reversed(shape):
-        coords.append(flat % size)
-        flat //= size
-    return tuple(reversed(coords))
+_CONTEXTS = weakref.WeakKeyDictionary()  # strategy -> its InputContext (tfshard._process_input)
 
 
 def input_context(strategy) -> InputContext:
@@ -752,7 +469,7 @@ def input_context(strategy) -> InputContext:
     if not is_multi_client() or strategy.data_axis is None:
         context = InputContext(1, 0, strategy.data_parallel_size)
     else:
-        positions = _data_positions(strategy)
+        positions = data_positions(strategy)
         dp = strategy.data_parallel_size
         mine = positions.get(client_id(), [])
         sizes = {len(p) for p in positions.values()}
@@ -774,30 +491,3 @@ def input_context(strategy) -> InputContext:
     return context
 
 
-_PROCESS_LOCAL = weakref.WeakSet()
-
-
-def process_local(data):
-    """Mark ``data`` (a ``tf.data.Dataset``, ``keras.utils.PyDataset`` or
-    other iterable passed to ``fit``/``evaluate``/``predict``) as yielding
-    this process's rows of each global batch rather than the global batch.
-
-    Its batches are then packed as this process's part of the global batch
-    (see :class:`InputContext`); every process must yield equally many
-    batches of equal size. Returns ``data``.
-    """
-    try:
-        _PROCESS_LOCAL.add(data)
-    except TypeError:
-        raise MultiClientError(
-            f"process_local: cannot mark a {type(data).__name__}; pass a "
-            "tf.data.Dataset, a keras.utils.PyDataset or a generator object."
-        ) from None
-    return data
-
-
-def is_process_local(data) -> bool:
-    try:
-        return data in _PROCESS_LOCAL
-    except TypeError:
-        return False
