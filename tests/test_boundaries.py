@@ -6,6 +6,7 @@
   ``interop``.
 * The application (``tfshard.app``) sits on the library, which never
   imports it.
+* Only ``tfshard._dtensor`` imports DTensor.
 * Only ``tfshard._keras`` imports ``keras.src`` or touches the Keras
   internals tfshard relies on; the rest goes through its accessors.
 * Unsupported requests and bad per-process input raise tfshard errors that
@@ -212,6 +213,27 @@ def test_tensors_sits_below_strategy():
     }
     assert tfshard_imports <= {"tfshard", "tfshard._dtensor", "tfshard._keras"}
     assert strategy_module.VariableLayout is tfshard.tensors.VariableLayout
+
+
+def test_only_the_dtensor_boundary_imports_dtensor():
+    def dtensor_imports(tree):
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            yield from (n for n in names if n.startswith(("tensorflow.experimental.dtensor",
+                                                          "tensorflow.dtensor")))
+            if isinstance(node, ast.Attribute) and node.attr == "dtensor":  # tf.experimental.dtensor
+                owner = node.value
+                if isinstance(owner, ast.Attribute) and owner.attr == "experimental":
+                    yield "tf.experimental.dtensor"
+
+    assert list(dtensor_imports(tree_of(PACKAGE / "_dtensor.py")))  # the check sees its imports
+    users = {name: sorted(set(dtensor_imports(tree_of(path))))
+             for name, path in MODULE_NAMES.items() if name != "tfshard._dtensor"}
+    assert not {name: found for name, found in users.items() if found}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
