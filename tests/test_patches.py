@@ -23,7 +23,7 @@ SNAPSHOT = textwrap.dedent(
 
     PACKAGES = ["keras.src.backend.tensorflow", "keras.src.layers", "keras.src.optimizers",
                 "keras.src.trainers", "keras.src.random", "keras.src.ops",
-                "keras.src.distribution", "keras.src.backend.common"]
+                "keras.src.distribution", "keras.src.backend.common", "keras.src.callbacks"]
     owners = {}
     for package in PACKAGES:
         root = importlib.import_module(package)
@@ -60,7 +60,9 @@ SNAPSHOT = textwrap.dedent(
     tfshard.interop.enable_keras_distribution(False)
     _keras.uninstall()
     restored = changed(before, snapshot())
-    _keras.install(_keras.CORE_PATCHES + _keras.BACKEND_OP_PATCHES + _keras.TRAINER_PATCHES)
+    tfshard.hooks.install()
+    tfshard._ops.install()
+    tfshard.training.install()
     tfshard.interop.enable_keras_distribution(True)
     reinstalled = {f"{p.owner}.{p.attribute}" for p in _keras.installed_patches()}
     print(json.dumps(dict(documented=sorted(documented), patched=sorted(patched),

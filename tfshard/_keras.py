@@ -4,7 +4,8 @@ It checks the Keras version once, gives the rest of tfshard accessors for
 the Keras internals it reads (``variable_layout``, ``layer_path``, ...), and
 holds every change ``import tfshard`` makes to Keras as rows of a patch
 table (:data:`CORE_PATCHES`, :data:`TRAINER_PATCHES`,
-:data:`BACKEND_OP_PATCHES`, and the distribution backend functions
+:func:`backend_op_patches` for the backend ops ``tfshard.hooks`` and
+``tfshard._ops`` replace, and the distribution backend functions
 ``tfshard.interop`` supplies). :func:`install` applies them,
 :func:`uninstall` restores Keras exactly and :func:`describe_patches` lists
 them (``python -c "import tfshard, tfshard._keras as k;
@@ -191,7 +192,7 @@ class _Hooks:
     call_scope = None  # (layer) -> context manager around the layer's call, or None
 
     def __init__(self):
-        # (module, name) in BACKEND_OPS -> replacement(original, *args, **kwargs)
+        # (backend module, function) -> replacement(original, *args, **kwargs)
         self.backend_ops = {}
 
 
@@ -387,40 +388,21 @@ TRAINER_PATCHES = (
     ),
 )
 
-# Keras TensorFlow-backend functions that tfshard may replace: (backend
-# module, function name, why). Keras's op layer (``keras.ops``), its layers
-# and keras-hub reach the backend through these module attributes, looked
-# up at call time, so one wrapper per entry covers every caller. A wrapper
-# calls the replacement registered in ``hooks.backend_ops[(module, name)]``
-# as ``replacement(original, *args, **kwargs)``; the replacement decides,
-# per call, whether the op runs on a mesh and otherwise calls ``original``.
-_CONV = "convolution: DTensor expands it only with whole weights and whole channels"
-_RANDOM = "random draw: the numbers one device draws, under any layout"
-BACKEND_OPS = (
-    ("nn", "conv", _CONV),
-    ("nn", "depthwise_conv", _CONV),
-    ("nn", "separable_conv", _CONV),
-    ("nn", "conv_transpose", _CONV),
-    ("numpy", "take", "a table split by rows: a masked local lookup, no gather of the table"),
-    ("nn", "max_pool", "pooling on split channels (DTensor expands batch splits only)"),
-    ("nn", "average_pool", "pooling on split channels (DTensor expands batch splits only)"),
-    ("nn", "one_hot", "OneHot cannot expand an output split on a dim it inherits"),
-    ("math", "top_k", "TopKV2's gradient scatters global indices into a local shard"),
-    ("random", "normal", _RANDOM),
-    ("random", "uniform", _RANDOM),
-    ("random", "truncated_normal", _RANDOM),
-    ("random", "randint", _RANDOM),
-    ("random", "categorical", _RANDOM),
-    ("random", "dropout", _RANDOM),
-    ("random", "shuffle", _RANDOM),
-    ("random", "gamma", _RANDOM),
-    ("random", "binomial", _RANDOM),
-    ("random", "beta", _RANDOM),
-)
-BACKEND_OP_PATCHES = tuple(
-    Patch(f"keras.src.backend.tensorflow.{module}", name, _backend_op((module, name)), purpose)
-    for module, name, purpose in BACKEND_OPS
-)
+# Keras TensorFlow-backend functions that tfshard replaces on a mesh.
+# Keras's op layer (``keras.ops``), its layers and keras-hub reach the
+# backend through these module attributes, looked up at call time, so one
+# wrapper per function covers every caller. The wrapper calls the
+# replacement registered in ``hooks.backend_ops[(module, name)]`` as
+# ``replacement(original, *args, **kwargs)``; the replacement decides, per
+# call, whether the op runs on a mesh and otherwise calls ``original``.
+def backend_op_patches(purposes):
+    """Patches for ``{(backend module, function name): purpose}``, e.g.
+    ``{("nn", "max_pool"): "pooling on split channels"}``."""
+    return tuple(
+        Patch(f"keras.src.backend.tensorflow.{module}", name, _backend_op((module, name)), purpose)
+        for (module, name), purpose in purposes.items()
+    )
+
 
 _installed = {}  # (owner object, attribute) -> (patch, original or None if inherited)
 

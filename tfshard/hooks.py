@@ -32,6 +32,7 @@ from tfshard.strategy import (
     _computing_on,
     computing_on,
     current_strategy,
+    mesh_computation,
     strategy_of_layer,
 )
 from tfshard.tensors import VariableLayout, masked_local_lookup
@@ -102,14 +103,17 @@ def _gathered_op(op, inputs, *args, **kwargs):
     the layout the expansion produces, so a consumer (a sharded bias) cannot
     push another layout back onto the op.
     """
-    strategy = current_strategy()
-    if strategy is None:
+    strategy = mesh_computation()
+    if strategy is None or (tf.executing_eagerly() and not _dtensor.is_dtensor(inputs)):
         return op(inputs, *args, **kwargs)
 
     def gather(x):
         layout = _keras.variable_layout(x) if isinstance(x, keras.Variable) else None
         if isinstance(layout, VariableLayout) and any(layout.spec):
             return strategy.place(x.value, (None,) * len(layout.spec))
+        if isinstance(x, tf.Tensor) and not isinstance(x, keras.KerasTensor) and x.shape.rank:
+            if not tf.executing_eagerly() or _dtensor.is_dtensor(x):
+                return strategy.place(x, (None,) * x.shape.rank)  # a filter passed as a tensor
         return x
 
     def features_whole(x):
@@ -406,10 +410,20 @@ def install():
     _keras.hooks.entry_call = _entry_call
     _keras.hooks.pin_gradients = _pin_gradients
     _keras.hooks.read_variable = _read_variable
-    for name in ("conv", "depthwise_conv", "separable_conv", "conv_transpose"):
-        _keras.hooks.backend_ops[("nn", name)] = _gathered_op
-    _keras.hooks.backend_ops[("numpy", "take")] = _take
+    conv = "convolution: DTensor expands it only with whole weights and whole channels"
+    replacements = {
+        ("nn", "conv"): (_gathered_op, conv),
+        ("nn", "depthwise_conv"): (_gathered_op, conv),
+        ("nn", "separable_conv"): (_gathered_op, conv),
+        ("nn", "conv_transpose"): (_gathered_op, conv),
+        ("numpy", "take"): (
+            _take, "a table split by rows: a masked local lookup, no gather of the table"
+        ),
+    }
+    for key, (replacement, _) in replacements.items():
+        _keras.hooks.backend_ops[key] = replacement
     _keras.hooks.layer_inputs = _layer_inputs
     _keras.hooks.layer_output = _layer_output
     _keras.hooks.call_scope = _call_scope
-    _keras.install(_keras.CORE_PATCHES + _keras.BACKEND_OP_PATCHES)
+    _keras.install(_keras.CORE_PATCHES)
+    _keras.install(_keras.backend_op_patches({k: purpose for k, (_, purpose) in replacements.items()}))

@@ -1,0 +1,90 @@
+"""SPMD-safe replacements for the Keras backend ops DTensor expands wrongly.
+
+Each function here replaces one Keras TensorFlow-backend function (see
+``tfshard._keras.backend_op_patches``) while the code being run or traced
+computes on a mesh (:func:`tfshard.strategy.mesh_computation`); everywhere
+else it calls the Keras original unchanged. They were found by the
+op-coverage sweep (``python -m tfshard.app.opsweep``, table in
+``docs/op_coverage.md``) and by running keras-io and keras-hub models
+unchanged:
+
+* :mod:`~tfshard._ops.draws`: random draws (``keras.random.*``, ``Dropout``
+  and every layer built on them) give the numbers one device draws;
+* :mod:`~tfshard._ops.gradients`: ``top_k``, ``one_hot`` and
+  ``segment_sum`` in elementwise or gather forms DTensor expands;
+* :mod:`~tfshard._ops.pooling`: max/average pooling on split channels;
+* :mod:`~tfshard._ops.whole`: ops that need the dims they act on whole, and
+  broadcast divisors;
+* :mod:`~tfshard._ops.control`: ``switch`` and ``map`` on a mesh, and clear
+  errors for value-dependent shapes.
+
+TensorFlow ops with no DTensor expander at all run replicated
+(``REPLICATED_OP_TYPES``, see :func:`tfshard._dtensor.expand_replicated`).
+"""
+
+from __future__ import annotations
+
+from tfshard import _dtensor, _keras
+from tfshard._ops.control import map_fn, nonzero, switch, where
+from tfshard._ops.draws import dropout, random_draw
+from tfshard._ops.gradients import one_hot, segment_sum, top_k
+from tfshard._ops.pooling import average_pool, max_pool
+from tfshard._ops.whole import WHOLE_INPUT_OPS, divide, whole_inputs
+
+RANDOM_DRAWS = (
+    "normal", "uniform", "truncated_normal", "randint", "categorical", "shuffle",
+    "gamma", "binomial", "beta",
+)
+# TensorFlow ops without a DTensor SPMD expander, run replicated (see
+# _dtensor.expand_replicated): the categorical, gamma/beta and binomial
+# draws (their inputs are made whole above anyway), and ReverseV2 (keras
+# AUC's threshold bookkeeping on small replicated metric state, flips).
+REPLICATED_OP_TYPES = (
+    "StatelessMultinomial", "StatelessRandomGammaV3", "StatelessRandomBinomial", "ReverseV2",
+    # no SPMD expander at all (found by the op sweep): each runs whole on
+    # every device; split inputs are all-gathered first
+    "ArgMin", "Bincount", "DenseBincount", "Bucketize", "MatrixDiagV3", "MatrixDiagPartV3",
+    "MatrixBandPart", "MatrixSolve", "MirrorPad", "Roll", "Cumprod", "SegmentSum",
+    "XlaDynamicUpdateSlice", "SoftsignGrad", "AvgPoolGrad", "ImageProjectiveTransformV3",
+    "RGBToHSV", "HSVToRGB", "DepthwiseConv2dNativeBackpropFilter",
+    "DepthwiseConv2dNativeBackpropInput", "EmptyTensorList", "TensorListStack",
+    "TensorListFromTensor", "TensorListLength", "TensorListElementShape", "TensorListPushBack",
+    "TensorListPopBack", "CaseRegion", "MatrixInverse", "MirrorPadGrad",
+)
+
+
+_RANDOM = "random draw: the numbers one device draws, under any layout"
+_WHOLE = "DTensor expands it only with the dimensions it acts on whole: they are made whole first"
+
+
+def replacements():
+    """``{(backend module, function): (replacement, purpose)}``."""
+    out = {("random", name): (random_draw, _RANDOM) for name in RANDOM_DRAWS}
+    out[("random", "dropout")] = (dropout, _RANDOM)
+    out[("math", "top_k")] = (top_k, "TopKV2's gradient scatters global indices into a local shard")
+    out[("nn", "one_hot")] = (one_hot, "OneHot cannot expand an output split on a dim it inherits")
+    pooling = "pooling on split channels (DTensor expands only batch splits)"
+    out[("nn", "max_pool")] = (max_pool, pooling)
+    out[("nn", "average_pool")] = (average_pool, pooling)
+    for key, rule in WHOLE_INPUT_OPS.items():
+        keep_batch, pin = rule if isinstance(rule, tuple) else (rule, True)
+        out[key] = (whole_inputs(keep_batch, pin), _WHOLE)
+    out[("math", "segment_sum")] = (segment_sum, "its gradient fails to expand: a gather by segment id")
+    broadcast = "a broadcast divisor whole (its gradient fails when its layout disagrees)"
+    out[("numpy", "divide")] = (divide, broadcast)
+    out[("numpy", "divide_no_nan")] = (divide, broadcast)
+    out[("core", "switch")] = (switch, "DTensor cannot expand a Case region: branches selected with where")
+    out[("core", "map")] = (map_fn, "DTensor cannot expand tf.map_fn's TensorLists: unrolled")
+    shape = "its output shape depends on the values: a clear error on a mesh"
+    out[("numpy", "nonzero")] = (nonzero, shape)
+    out[("numpy", "where")] = (where, "a value-dependent shape (one argument) is a clear error; "
+                               "a scalar condition is broadcast (DTensor crashes on it)")
+    return out
+
+
+def install():
+    _dtensor.expand_replicated(REPLICATED_OP_TYPES)
+    table = replacements()
+    for key, (replacement, _) in table.items():
+        _keras.hooks.backend_ops[key] = replacement
+    _keras.install(_keras.backend_op_patches({key: purpose for key, (_, purpose) in table.items()}))

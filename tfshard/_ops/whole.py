@@ -1,0 +1,170 @@
+"""Ops that DTensor expands only with the dimensions they act on whole.
+
+:func:`whole_inputs` lays every tensor argument out whole (the batch keeps
+its split where the op leaves dimension 0 alone) before the Keras original
+runs: image ops and adaptive pools, FFTs, split/tile/pad/roll/slice on the
+axes they act on, and ops DTensor expands wrongly under a split
+(``WHOLE_INPUT_OPS``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from keras import tree
+
+from tfshard._ops._common import on_mesh, whole
+
+def whole_inputs(keep_batch, pin_outputs=True):
+    """A replacement that lays every tensor argument out whole before the
+    Keras original runs: for ops whose DTensor expansion needs their
+    working dimensions unsplit (image ops and adaptive pools: height, width
+    and channels; FFTs: the transformed axis; split/tile/pad/roll/slice:
+    the axes they act on) or that DTensor expands wrongly under a split.
+    ``keep_batch(args, kwargs)`` says whether the op leaves dimension 0
+    alone, so the batch keeps its split; otherwise everything is whole.
+    ``pin_outputs`` lays the outputs out whole too, so the gradient reaching
+    the op's own gradient ops is whole as well (the colour conversions train
+    only without: DTensor rejects the relayout pair around them)."""
+
+    def replacement(original, *args, **kwargs):
+        strategy = on_mesh(*tree.flatten((args, kwargs)))
+        if strategy is None or tf.executing_eagerly():
+            return original(*args, **kwargs)
+        keep = keep_batch(*args, **kwargs)
+        args, kwargs = tree.map_structure(lambda x: whole(strategy, x, keep), (args, kwargs))
+        out = original(*args, **kwargs)
+        if not pin_outputs:
+            return out
+        # The outputs are pinned whole too, so the gradients reaching the
+        # op's own gradient ops are whole as well.
+        return tree.map_structure(lambda y: whole(strategy, y, keep), out)
+
+    return replacement
+
+
+def _rank(x):
+    return len(getattr(x, "shape", ()))
+
+
+def _known_rank(x):
+    """The rank of ``x``, 0 when unknown."""
+    shape = getattr(x, "shape", ())
+    return (shape.rank or 0) if isinstance(shape, tf.TensorShape) else len(shape)
+
+
+def _is_batch_axis(axis, x):
+    return axis is not None and int(axis) % max(_rank(x), 1) == 0
+
+
+def _batch_untouched_by_axis(x, *args, axis=None, **kwargs):
+    return axis is not None and not _is_batch_axis(axis, x)
+
+
+def _static_ints(value):
+    try:
+        return [int(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+
+
+def _split_keeps_batch(x, indices_or_sections, axis=0):
+    return not _is_batch_axis(axis, x)
+
+
+def _glu_keeps_batch(x, axis=-1):
+    return not _is_batch_axis(axis, x)
+
+
+def _roll_keeps_batch(x, shift, axis=None):
+    axes = _static_ints(axis if isinstance(axis, (list, tuple)) else [axis]) if axis is not None else None
+    return axes is not None and all(a % max(_rank(x), 1) != 0 for a in axes)
+
+
+def _tile_keeps_batch(x, repeats):
+    reps = _static_ints(repeats if isinstance(repeats, (list, tuple)) else [repeats])
+    if reps is None:
+        return False
+    reps = [1] * (_rank(x) - len(reps)) + reps  # numpy: repeats align right
+    return reps[0] == 1
+
+
+def _pad_keeps_batch(x, pad_width, mode="constant", constant_values=None):
+    try:
+        width = np.broadcast_to(np.asarray(pad_width, dtype="int64"), (_rank(x), 2))
+    except ValueError:
+        return False
+    return bool(np.all(width[0] == 0))
+
+
+def _slice_keeps_batch(inputs, start_indices, shape):
+    start, size = _static_ints(start_indices), _static_ints(shape)
+    if start is None or size is None or not start:
+        return False
+    full = inputs.shape[0]
+    return start[0] == 0 and (size[0] == -1 or (full is not None and size[0] == full))
+
+
+def _keeps_batch(*args, **kwargs):
+    return True
+
+
+def _never(*args, **kwargs):
+    return False
+
+
+# Keras backend functions laid out whole before they run (see whole_inputs).
+WHOLE_INPUT_OPS = {
+    # images (N, H, W, C) / (N, C, H, W): the batch stays split
+    ("image", "resize"): _keeps_batch,
+    ("image", "gaussian_blur"): _keeps_batch,
+    ("image", "affine_transform"): _keeps_batch,
+    ("image", "perspective_transform"): _keeps_batch,
+    ("image", "elastic_transform"): _keeps_batch,
+    ("image", "rgb_to_hsv"): (_keeps_batch, False),
+    ("image", "hsv_to_rgb"): (_keeps_batch, False),
+    ("image", "rgb_to_grayscale"): _keeps_batch,
+    ("image", "scale_and_translate"): _keeps_batch,
+    ("nn", "adaptive_average_pool"): _keeps_batch,
+    ("nn", "adaptive_max_pool"): _keeps_batch,
+    # transforms of the last axis
+    ("math", "fft"): _keeps_batch,
+    ("math", "fft2"): _keeps_batch,
+    ("math", "rfft"): _keeps_batch,
+    ("math", "irfft"): _keeps_batch,
+    ("math", "stft"): _keeps_batch,
+    ("math", "istft"): _keeps_batch,
+    # structural ops on the axes they act on
+    ("numpy", "split"): _split_keeps_batch,
+    ("nn", "glu"): _glu_keeps_batch,
+    ("numpy", "tile"): _tile_keeps_batch,
+    ("numpy", "pad"): _pad_keeps_batch,
+    ("numpy", "roll"): _roll_keeps_batch,
+    ("core", "slice"): _slice_keeps_batch,
+    # whole: CTC's batch-split expansion is invalid; sparsemax sorts (a
+    # sort's gradient scatters global indices into a batch shard)
+    ("nn", "ctc_loss"): _never,
+    ("nn", "sparsemax"): _never,
+    # segment max: sorted ids run SegmentMax (no expander; its gradient
+    # fails split), unsorted ones count segments with tf.unique
+    ("math", "segment_max"): _never,
+    # two vectors split over one axis: their outer product cannot be
+    # split over it twice (vectors: the gather is small)
+    ("numpy", "outer"): _never,
+}
+
+
+# -------------------------------------------------- broadcast divisors
+def divide(original, x1, x2):
+    """``divide``/``divide_no_nan`` on a mesh, for a divisor of lower rank
+    than the dividend (broadcast over its leading dims): the divisor is laid
+    out whole first. Its layout cannot then disagree with the dividend's on
+    the dims they share (DTensor's gradient of a broadcast division fails
+    to expand when it does); a whole divisor is sliced locally, and the
+    gradient of the relayout returns the divisor's gradient to its own
+    layout, so nothing moves where the layouts already agree."""
+    strategy = on_mesh(x1, x2)
+    if strategy is None or tf.executing_eagerly():
+        return original(x1, x2)
+    if 0 < _known_rank(x2) < _known_rank(x1):
+        x2 = whole(strategy, x2, False)
+    return original(x1, x2)
