@@ -240,6 +240,7 @@ def _fit_with_tensorboard(log_dir, **tensorboard_kwargs):
         validation_data=(x_val, y_val),
         callbacks=[keras.callbacks.TensorBoard(log_dir=str(log_dir), **tensorboard_kwargs)],
     )
+    return model
 
 
 def _assert_event_files(log_dir):
@@ -253,19 +254,24 @@ def test_tensorboard_callback_writes_train_and_validation_logs(tmp_path):
     _assert_event_files(tmp_path / "logs")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=tf.errors.UnimplementedError,
-    reason=(
-        "BUG: keras.callbacks.TensorBoard(histogram_freq=1) fails on a sharded model: "
-        "tf.summary.histogram(weight) receives the DTensor variable and its bucketing "
-        "mixes it with plain tensors -> UnimplementedError 'The op/function Reshape got "
-        "a regular tensor for input 0 (shape [29]) but was expecting a DTensor'."
-    ),
-)
-def test_tensorboard_weight_histograms(tmp_path):
-    _fit_with_tensorboard(tmp_path / "logs", histogram_freq=1)
+def test_tensorboard_weight_histograms_and_images(tmp_path):
+    """Keras's TensorBoard(histogram_freq=1, write_images=True) logs sharded
+    weights by their global values."""
+    model = _fit_with_tensorboard(tmp_path / "logs", histogram_freq=1, write_images=True)
     _assert_event_files(tmp_path / "logs")
+    counts, images = {}, set()
+    for path in (tmp_path / "logs" / "train").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag.endswith("/histogram"):
+                    buckets = tf.make_ndarray(value.tensor)  # (left, right, count) rows
+                    counts[value.tag[: -len("/histogram")]] = buckets[:, 2].sum()
+                elif value.tag.endswith("/image"):
+                    images.add(value.tag)
+    for weight in model.weights:
+        name = weight.path.replace(":", "_")
+        assert counts[name] == np.prod(weight.shape), name  # every global element
+    assert images
 
 
 def test_progress_bar_prints(capsys):

@@ -355,6 +355,47 @@ def _backend_op(key):
     return wrap
 
 
+def _global_value(weight):
+    """A sharded variable's global value (numpy); anything else unchanged."""
+    value = getattr(weight, "_value", None)
+    out = hooks.to_numpy(value) if hooks.to_numpy and value is not None else None
+    return weight if out is None else out
+
+
+class _GlobalValueSummary:
+    """``tf.summary`` whose ``histogram`` takes sharded variables' global values."""
+
+    def __init__(self, summary):
+        self._summary = summary
+
+    def __getattr__(self, name):
+        return getattr(self._summary, name)
+
+    def histogram(self, name, data, *args, **kwargs):
+        return self._summary.histogram(name, _global_value(data), *args, **kwargs)
+
+
+def _tensorboard_log_weights(original):
+    @functools.wraps(original)
+    def _log_weights(self, epoch):
+        summary = self.summary
+        self._summary_module = _GlobalValueSummary(summary)
+        try:
+            return original(self, epoch)
+        finally:
+            self._summary_module = summary
+
+    return _log_weights
+
+
+def _tensorboard_log_weight_as_image(original):
+    @functools.wraps(original)
+    def _log_weight_as_image(self, weight, weight_name, epoch):
+        return original(self, _global_value(weight), weight_name, epoch)
+
+    return _log_weight_as_image
+
+
 _VARIABLE = "keras.src.backend.tensorflow.core:Variable"
 _LAYER = "keras.src.layers.layer:Layer"
 _TRAINER = "keras.src.backend.tensorflow.trainer:TensorFlowTrainer"
@@ -373,9 +414,14 @@ CORE_PATCHES = (
           "calls of a sharded layer compute on its mesh; the outermost eager call takes "
           "plain values in and gives plain values out; output layout rules apply"),
 )
+_TENSORBOARD = "keras.src.callbacks.tensorboard:TensorBoard"
 TRAINER_PATCHES = (
     Patch("keras.src.optimizers.base_optimizer:BaseOptimizer", "apply", _optimizer_apply,
           "with ZeRO, gradients are laid out like their parameters before the update"),
+    Patch(_TENSORBOARD, "_log_weights", _tensorboard_log_weights,
+          "weight histograms (histogram_freq) of sharded weights show their global values"),
+    Patch(_TENSORBOARD, "_log_weight_as_image", _tensorboard_log_weight_as_image,
+          "weight images (write_images) of sharded weights show their global values"),
     *(
         Patch(_TRAINER, f"make_{kind}_function", _make_step_function(kind),
               f"a sharded model's {kind} step runs batches placed on the mesh")
