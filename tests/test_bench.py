@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 from tfshard import comm
-from tfshard.app import bench
+from tfshard.app import bench, bench_random
 from tfshard.app import config as config_lib
 from tfshard.app import jobs
 
@@ -69,6 +69,11 @@ def measure_block_collectives():
         for shape in ((2, 4), (8, 1)):
             out[f"{layers}@{shape[0]}x{shape[1]}"] = bench.count_step_collectives(config, shape)
     out["moe@2x4"] = bench.count_step_collectives(tiny_moe_transformer(), (2, 4))
+    config = tiny_transformer("model.layers=1")
+    out["random"] = {
+        streams: bench_random.count_random_elements(bench_random.variant(config, 0.1, streams))
+        for streams in ("global", "per_device")
+    }
     return out
 
 
@@ -193,6 +198,25 @@ def test_per_device_bytes_of_tensor_parallel_weights_are_global_over_tp():
     # The embedding table, every FFN and attention kernel is split.
     kernels = [r for r in rows if r["path"].endswith(("kernel", "embeddings")) and "position" not in r["path"]]
     assert all(r in sharded for r in kernels if len(r["shape"]) >= 2), kernels
+
+
+def test_random_draws_per_device_read_from_the_spmd_dump(block_collectives):
+    """One tiny block (batch 8, seq 16, d_model 32, 8 heads) with dropout on
+    2x4: the attention-probability mask (b, h, s, s) and the two residual
+    masks (b, s, d). Drawn globally (one device's numbers) every device draws
+    them whole; per device, DTensor draws each device's slice: the scores
+    split over batch (2) and heads (4), the residuals over batch (2)."""
+    b, s, d, h = 8, 16, 32, 8
+    masks = {"scores": b * h * s * s, "residuals": 2 * b * s * d}
+    drawn = block_collectives["random"]
+    assert drawn["global"] == masks["scores"] + masks["residuals"]
+    assert drawn["per_device"] == masks["scores"] // 8 + masks["residuals"] // 2
+
+
+def test_random_cost_rate_must_be_a_dropout_rate():
+    for rate in (0.0, 1.0, -0.1, 2.0):
+        with pytest.raises(config_lib.ConfigError, match="--random-cost"):
+            bench_random.random_cost(tiny_transformer(), rate=rate, steps=3)
 
 
 def test_bench_times_every_mesh_with_one_trace(capsys):

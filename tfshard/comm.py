@@ -77,6 +77,8 @@ __all__ = [
     "dump_logging_enabled",
     "parse_dump_dir",
     "parse_module_text",
+    "random_elements",
+    "random_elements_in_dump",
     "run_in_subprocess",
 ]
 
@@ -113,6 +115,13 @@ _LAYOUT = re.compile(r"sharding_specs:([^ ]*?), mesh:\|([^|]*)\|([^|]*)\|")
 _INPUT_LAYOUT = re.compile(r"input_layout = #dtensor\.layout<([^>]*)>")
 _OUTPUT_LAYOUT = re.compile(r"output_layout = #dtensor\.layout<([^>]*)>")
 _MESH = re.compile(r"mesh:\|([^|]*)\|([^|]*)\|")
+# Random-number ops (TensorFlow's stateful and stateless families); the
+# key/counter/algorithm helpers draw nothing.
+_RANDOM_OP = re.compile(
+    r'"tf\.((?:Stateless)?(?:Random|TruncatedNormal|Multinomial|ParameterizedTruncatedNormal)\w*)"\('
+)
+_RANDOM_HELPERS = ("GetKeyCounter", "GetAlg", "GetKeyCounterAlg")
+_RESULT = re.compile(r"tensor<([^>]*)>")
 
 
 class CollectiveCountError(RuntimeError):
@@ -264,14 +273,8 @@ def _dump_files(directory):
     return out
 
 
-def parse_dump_dir(directory, stage="expanded", program=None):
-    """Count collectives over every DTensor program dumped in ``directory``.
-
-    Each compiled program is counted once, at ``stage`` (see the module
-    docstring). ``program`` keeps only the programs traced from the Python
-    function of that name (a ``tf.function`` named ``run`` compiles to
-    ``__inference_run_<n>``). Returns ``(counts, n_programs)``.
-    """
+def _program_texts(directory, stage, program):
+    """The text of each DTensor program dumped in ``directory``, at ``stage``."""
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: use one of {STAGES}.")
     files = _dump_files(directory)
@@ -281,7 +284,6 @@ def parse_dump_dir(directory, stage="expanded", program=None):
         for i, f in enumerate(files)
         if f[1] == _EXPANSION_PASS and (wanted is None or wanted.fullmatch(f[2]))
     ]
-    counts = CollectiveCounts()
     for n, start in enumerate(starts):
         chosen = files[start]
         if stage == "optimized":
@@ -293,8 +295,47 @@ def parse_dump_dir(directory, stage="expanded", program=None):
                     break
                 chosen = entry
         with open(os.path.join(directory, chosen[3]), encoding="utf-8") as handle:
-            counts.update(parse_module_text(handle.read()))
-    return counts, len(starts)
+            yield handle.read()
+
+
+def parse_dump_dir(directory, stage="expanded", program=None):
+    """Count collectives over every DTensor program dumped in ``directory``.
+
+    Each compiled program is counted once, at ``stage`` (see the module
+    docstring). ``program`` keeps only the programs traced from the Python
+    function of that name (a ``tf.function`` named ``run`` compiles to
+    ``__inference_run_<n>``). Returns ``(counts, n_programs)``.
+    """
+    counts = CollectiveCounts()
+    n_programs = 0
+    for text in _program_texts(directory, stage, program):
+        counts.update(parse_module_text(text))
+        n_programs += 1
+    return counts, n_programs
+
+
+def random_elements(text):
+    """Random numbers one device draws per run of a dumped module: the
+    elements of every random op's output, at the per-device shapes SPMD
+    expansion gave them (read the ``expanded`` stage). A dimension unknown
+    at compile time counts as 1."""
+    total = 0
+    for line in text.splitlines():
+        op = _RANDOM_OP.search(line)
+        if op is None or op.group(1).endswith(_RANDOM_HELPERS):
+            continue
+        result = _RESULT.search(line[op.end():].rsplit("->", 1)[-1])
+        if result is None:
+            continue
+        dims = result.group(1).split("x")[:-1]
+        total += int(np.prod([int(d) if d.isdigit() else 1 for d in dims]))
+    return total
+
+
+def random_elements_in_dump(directory, program=None):
+    """:func:`random_elements` summed over the programs dumped in
+    ``directory`` (``program`` as in :func:`parse_dump_dir`)."""
+    return sum(random_elements(text) for text in _program_texts(directory, "expanded", program))
 
 
 # -------------------------------------------------------------- in process

@@ -64,6 +64,10 @@ def _parser():
             cmd.add_argument("--no-collectives", action="store_true",
                              help="skip counting collectives (saves one compile per mesh)")
             cmd.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+            cmd.add_argument("--random-cost", type=float, metavar="RATE",
+                             help="instead: time dropout RATE drawn as one device draws it "
+                                  "(layout.random_streams=global) against per-device draws and "
+                                  "dropout off, on the config's mesh")
     _add_launch(sub)
     return parser
 
@@ -150,7 +154,8 @@ def _run(args, config):
         from tfshard.app import bench
 
         args.meshes = bench.parse_meshes(args.meshes)
-        devices_for = bench.with_mesh(config, max(args.meshes, key=lambda m: m[0] * m[1]))
+        if args.random_cost is None:
+            devices_for = bench.with_mesh(config, max(args.meshes, key=lambda m: m[0] * m[1]))
     jobs.prepare_devices(devices_for)  # before TensorFlow starts
     if args.command == "train":
         jobs.train(config)
@@ -166,6 +171,15 @@ def _bench(args, config):
 
     from tfshard.app import bench
 
+    if args.random_cost is not None:
+        from tfshard.app import bench_random
+
+        results = bench_random.random_cost(config, rate=args.random_cost,
+                                           steps=max(args.steps or 10, 3), rounds=args.rounds)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(results, handle, indent=2)
+        return 0
     results = bench.bench(config, meshes=args.meshes, steps=args.steps, rounds=args.rounds,
                           collectives=not args.no_collectives, jax=args.jax)
     if args.json:

@@ -62,6 +62,11 @@ SCHEMA = {
     "layout": {
         "rules": Field(str, "batch:batch,d_ff:model,heads:model,vocab:model",
                        "Mesh-TF layout rules: logical_dim:mesh_axis,..."),
+        "random_streams": Field(str, "global",
+                                "global: dropout and other random layers draw one device's numbers "
+                                "(each device draws the whole tensor, keeps its slice); per_device: "
+                                "DTensor's own per-device streams (fewer draws, other numbers)",
+                                ("global", "per_device")),
     },
     "data": {
         "source": Field(str, "auto", "auto, stdlib (Python's own sources) or digits (scikit-learn)",

@@ -81,6 +81,7 @@ def build_strategy(config):
         .data_parallel("batch")
         .tensor_parallel("model")
         .rules(config["layout"]["rules"])
+        .random_streams(config["layout"]["random_streams"])
         .build()
     )
 
