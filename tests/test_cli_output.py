@@ -1,13 +1,19 @@
 """What a user sees from `tfshard train`: tfshard's table, Keras's progress
-bar and the result line, no TensorFlow C++ log lines unless -v."""
+bar and the result line, no TensorFlow C++ log lines unless -v; and the
+TensorBoard logs it writes (scalars per step, held-out loss per
+evaluation, the layout and memory text)."""
 
+import glob
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from tfshard import _native_logs
+from tfshard.app import cli
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIG = os.path.join(ROOT, "configs", "transformer_2x4.yaml")
@@ -96,3 +102,62 @@ def test_native_log_line_pattern():
         "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR")
     assert not _native_logs.is_native_log_line("E0000 is a name a user may print")
     assert not _native_logs.is_native_log_line("UserWarning: something that matters")
+
+
+# ------------------------------------------------------------ TensorBoard
+def events(directory):
+    """{tag: [(step, value)]} of every event file in ``directory``."""
+    found = {}
+    files = sorted(glob.glob(os.path.join(directory, "events.out.tfevents.*")))
+    assert files, f"no event files in {directory}"
+    for path in files:
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, tf.make_ndarray(value.tensor)))
+    return {tag: sorted(items, key=lambda item: item[0]) for tag, items in found.items()}
+
+
+def test_tensorboard_scalars_per_step(trained):
+    out, _ = trained
+    train = events(os.path.join(out, "tensorboard", "train"))
+    steps = list(range(1, STEPS + 1))
+    for tag in ("loss", "learning_rate", "ms_per_step", "tokens_per_second"):
+        assert [step for step, _ in train[tag]] == steps, tag
+        assert all(np.isfinite(float(v)) and float(v) > 0 for _, v in train[tag]), tag
+    assert [float(v) for _, v in train["learning_rate"]] == pytest.approx([3e-3] * STEPS)
+    # tokens/s is the batch's tokens over the step's time
+    for (_, ms), (_, rate) in zip(train["ms_per_step"], train["tokens_per_second"]):
+        assert float(rate) == pytest.approx(8 * 16 / (float(ms) / 1000), rel=1e-4)
+    import json
+
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert [float(v) for _, v in train["loss"]] == pytest.approx(metrics["train_loss"], rel=1e-6)
+
+
+def test_tensorboard_held_out_loss_per_evaluation(trained):
+    import json
+
+    out, _ = trained
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    held_out = events(os.path.join(out, "tensorboard", "validation"))["evaluation_loss_vs_iterations"]
+    assert [step for step, _ in held_out] == [0, STEPS]
+    assert [float(v) for _, v in held_out] == pytest.approx(
+        [metrics["eval_before"]["loss"], metrics["eval_after"]["loss"]], rel=1e-6)
+
+
+def test_tensorboard_layout_and_memory_text(trained):
+    out, _ = trained
+    train = events(os.path.join(out, "tensorboard", "train"))
+    layout = train["layout"][0][1].item().decode()
+    assert "token_embedding/embeddings" in layout and "(model, -)" in layout and "per device" in layout
+    memory = train["memory"][0][1].item().decode()
+    assert "parameters" in memory and "optimizer state" in memory and "per device" in memory
+
+
+def test_tensorboard_off(tmp_path):
+    argv = ["train", CONFIG, "--steps", "1", "--set", f"output.dir={tmp_path}", "--set", "output.tensorboard=false"]
+    for item in SMALL:
+        argv += ["--set", item]
+    assert cli.main(argv) == 0
+    assert os.path.exists(tmp_path / "metrics.json")
+    assert not os.path.exists(tmp_path / "tensorboard")
