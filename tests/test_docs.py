@@ -139,3 +139,17 @@ def test_rendered_tutorial_page_shows_its_plots(site, tmp_path):
     rgb = shot[..., :3]
     saturated = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3
     assert saturated.mean() > 0.01, f"only {saturated.mean():.4f} of the page is coloured"
+
+
+def test_readme_links_and_test_command():
+    """The README's relative links point at files that exist (the docs pages
+    it sends a newcomer to), and its test command is the line .ci/run runs."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    links = [target for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme) if "://" not in target]
+    assert links, "the README links to no docs page"
+    missing = [target for target in links if not os.path.exists(os.path.join(ROOT, target))]
+    assert not missing, f"README links to missing files: {missing}"
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as handle:
+        ci_line = [line for line in handle.read().splitlines() if "pytest" in line][0].strip()
+    assert f"```bash\n{ci_line}\n```" in readme, "the README's test command differs from .ci/run's"
