@@ -159,6 +159,20 @@ def test_tensorboard_layout_and_memory_text(trained):
     assert "parameters" in memory and "optimizer state" in memory and "per device" in memory
 
 
+def test_tensorboard_curves_continue_on_resume(tmp_path):
+    """A resumed run logs at the optimizer's step: the curves go on from the
+    checkpoint (steps 1, 2 then 3), not from 1 again."""
+    base = ["train", CONFIG, "--set", f"output.dir={tmp_path}"]
+    for item in SMALL:
+        base += ["--set", item]
+    assert cli.main(base + ["--steps", "2"]) == 0
+    assert cli.main(base + ["--steps", "3"]) == 0
+    train = events(os.path.join(tmp_path, "tensorboard", "train"))
+    assert [step for step, _ in train["loss"]] == [1, 2, 3]
+    held_out = events(os.path.join(tmp_path, "tensorboard", "validation"))["evaluation_loss_vs_iterations"]
+    assert [step for step, _ in held_out] == [0, 2, 2, 3]  # before/after each run
+
+
 def test_tensorboard_off(tmp_path):
     argv = ["train", CONFIG, "--steps", "1", "--set", f"output.dir={tmp_path}", "--set", "output.tensorboard=false"]
     for item in SMALL:
