@@ -330,7 +330,8 @@ def _summaries(config, model, variables):
         tensorboard.log_dir(config),
         items_per_step=config["train"]["batch_size"] * _items_per_example(config),
         unit=unit,
-        texts={"layout": variable_table(variables), "memory": tensorboard.memory_text(model)},
+        texts={"layout": tensorboard.preformatted(variable_table(variables)),
+               "memory": tensorboard.memory_text(model)},
         write=multi_client.is_chief(),
     )
 

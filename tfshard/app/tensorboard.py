@@ -55,8 +55,9 @@ def memory_text(model):
     return "\n".join(lines)
 
 
-def _preformatted(text):
-    """TensorBoard renders text summaries as Markdown: indent to keep columns."""
+def preformatted(text):
+    """``text`` as a Markdown code block: TensorBoard renders text summaries
+    as Markdown, and a table printed in columns must keep them."""
     return "\n".join("    " + line for line in text.splitlines())
 
 
@@ -77,17 +78,16 @@ class TrainSummaries(keras.callbacks.TensorBoard):
         super().__init__(log_dir=directory, write_graph=False, update_freq="epoch", profile_batch=0)
         self.items_per_step = items_per_step
         self.unit = unit
-        self.texts = dict(texts or {})
+        self.texts = dict(texts or {})  # name -> Markdown, written at the first step
         self.write = write
-        self._open = {}
         self._last_step = None
         self._begin = None
 
     def set_model(self, model):
-        # Keras resets its writers on every fit/evaluate; keep ours open.
-        kept = self._open
+        # Keras resets its writers on every fit/evaluate; keep them open.
+        writers = self._writers
         super().set_model(model)
-        self._writers = kept
+        self._writers = writers
 
     def _step(self):
         return int(to_numpy(self.model.optimizer.iterations))
@@ -105,8 +105,7 @@ class TrainSummaries(keras.callbacks.TensorBoard):
 
             with self._train_writer.as_default():
                 for name, text in self.texts.items():
-                    tf.summary.text(name, _preformatted(text) if name == "layout" else text,
-                                    step=self._last_step)
+                    tf.summary.text(name, text, step=self._last_step)
             self.texts = {}
 
     def on_train_batch_begin(self, batch, logs=None):
@@ -153,15 +152,7 @@ class TrainSummaries(keras.callbacks.TensorBoard):
         if self.write:
             self._train_writer.flush()
 
-    @property
-    def _writers(self):
-        return self._open
-
-    @_writers.setter
-    def _writers(self, value):
-        self._open = value
-
     def close(self):
-        for writer in self._open.values():
+        for writer in self._writers.values():
             writer.close()
-        self._open = {}
+        self._writers = {}
