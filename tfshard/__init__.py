@@ -35,6 +35,10 @@ import sys as _sys
 if "keras" not in _sys.modules:
     _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from tfshard import _native_logs  # noqa: E402
+
+_native_logs.import_tensorflow()  # so that TF_CPP_MIN_LOG_LEVEL holds from the start
+
 from tfshard import _keras  # noqa: E402,F401  (checks versions first)
 from tfshard._version import __version__  # noqa: E402
 from tfshard.errors import TfshardError  # noqa: E402

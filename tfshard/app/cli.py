@@ -7,6 +7,12 @@
 
 On a machine without accelerators the mesh runs on virtual CPU devices
 (8, or the mesh size if larger), created before TensorFlow starts.
+
+The output is tfshard's and Keras's: TensorFlow's C++ log lines (DTensor's
+cache notes, Grappler's cost-estimator complaints about per-device shapes)
+are hidden unless ``-v`` is given or ``TF_CPP_MIN_LOG_LEVEL`` is set; see
+``tfshard._native_logs``, which ``import tfshard`` runs before TensorFlow
+starts.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ def _positive(kind):
 def _add_debug(parser, default):
     parser.add_argument(
         "-v", "--debug", action="store_true", default=default,
-        help="show the full traceback of an error (also: TFSHARD_DEBUG=1)",
+        help="show the full traceback of an error and TensorFlow's C++ log lines, "
+             "hidden by default (also: TFSHARD_DEBUG=1)",
     )
 
 

@@ -86,7 +86,9 @@ SCHEMA = {
                                     "on any mesh (false: delete them and start afresh)"),
     },
     "output": {
-        "dir": Field(str, "runs/default", "where metrics.json and checkpoints go"),
+        "dir": Field(str, "runs/default", "where metrics.json, checkpoints and TensorBoard logs go"),
+        "tensorboard": Field(bool, True, "write TensorBoard logs (loss, learning rate, ms/step, "
+                                         "throughput, held-out loss, layouts) to output.dir/tensorboard"),
     },
 }
 

@@ -318,10 +318,31 @@ class _TrainedSteps(keras.callbacks.Callback):
         self.seconds.append(seconds)
 
 
+def _summaries(config, model, variables):
+    """The TensorBoard callback (every process runs it, process 0 writes),
+    or None when ``output.tensorboard`` is false."""
+    from tfshard.app import tensorboard
+    from tfshard.report import variable_table
+
+    if not config["output"]["tensorboard"]:
+        return None
+    unit = "tokens" if config["model"]["kind"] == "transformer" else "images"
+    return tensorboard.TrainSummaries(
+        tensorboard.log_dir(config),
+        items_per_step=config["train"]["batch_size"] * _items_per_example(config),
+        unit=unit,
+        texts={"layout": tensorboard.preformatted(variable_table(variables)),
+               "memory": tensorboard.memory_text(model)},
+        write=multi_client.is_chief(),
+    )
+
+
 def train(config, *, verbose=1):
     """Train a config; returns the metrics dict (also written as JSON).
 
-    Checkpoints go to ``<output.dir>/checkpoints`` every
+    TensorBoard logs go to ``<output.dir>/tensorboard`` (see
+    :mod:`tfshard.app.tensorboard`; ``output.tensorboard: false`` turns
+    them off). Checkpoints go to ``<output.dir>/checkpoints`` every
     ``train.checkpoint_every`` steps and at the end. With ``train.resume``
     (the default) a run continues from the latest of them, on whatever mesh
     the config now names, up to ``train.steps`` in all.
@@ -344,7 +365,10 @@ def train(config, *, verbose=1):
     print(variable_table(variables))
     if resumed_from is not None:
         _restore(model, resumed_from, steps)
-    before = model.evaluate(x_eval, y_eval, batch_size=batch, verbose=0, return_dict=True)
+    summaries = _summaries(config, model, variables)
+    summary_callbacks = [summaries] if summaries else []
+    before = model.evaluate(x_eval, y_eval, batch_size=batch, verbose=0, return_dict=True,
+                            callbacks=summary_callbacks)
     recorder = _TrainedSteps()
     start = time.perf_counter()
     if start_step < steps:
@@ -355,7 +379,7 @@ def train(config, *, verbose=1):
         )
         model.fit(
             x, y, batch_size=batch, epochs=1, shuffle=False, verbose=verbose,
-            callbacks=[saver, recorder],
+            callbacks=summary_callbacks + [saver, recorder],  # summaries first: times the step alone
         )
         if multi_client.is_chief() and checkpoint.latest_checkpoint(directory) is not None:
             shutil.rmtree(replaced_dir(config), ignore_errors=True)
@@ -363,7 +387,10 @@ def train(config, *, verbose=1):
         print(f"already at step {start_step} = train.steps; nothing to train "
               "(raise --steps to train on)")
     elapsed = time.perf_counter() - start
-    after = model.evaluate(x_eval, y_eval, batch_size=batch, verbose=0, return_dict=True)
+    after = model.evaluate(x_eval, y_eval, batch_size=batch, verbose=0, return_dict=True,
+                           callbacks=summary_callbacks)
+    if summaries:
+        summaries.close()
 
     steady = recorder.seconds[1:] or recorder.seconds  # the first step compiles
     step_time = sum(steady) / len(steady) if steady else float("nan")
@@ -399,6 +426,7 @@ def train(config, *, verbose=1):
         f"{metrics['items_per_second']:.0f} {unit}; "
         f"{metrics['per_device_bytes'] / 2**20:.2f} MiB params+optimizer per device; "
         f"checkpoints in {directory}; metrics in {path}"
+        + (f"; tensorboard --logdir {summaries.log_dir}" if summaries else "")
     )
     return metrics
 
