@@ -261,6 +261,19 @@ def _tf_tensor(original):
     return __tf_tensor__
 
 
+def _value(original):
+    getter = original.fget
+
+    @functools.wraps(getter)
+    def value(self):
+        out = getter(self)
+        if hooks.read_variable is not None:
+            out = hooks.read_variable(self, out)
+        return out
+
+    return property(value, original.fset, original.fdel, original.__doc__)
+
+
 def _new(original):
     @functools.wraps(original)
     def __new__(cls, *args, **kwargs):
@@ -366,6 +379,8 @@ CORE_PATCHES = (
     Patch(_VARIABLE, "__array__", _array, "global values out of sharded variables"),
     Patch(_VARIABLE, "__tf_tensor__", _tf_tensor,
           "a weight split over the data axis (FSDP) is read whole inside a layer call"),
+    Patch(_VARIABLE, "value", _value,
+          "... also when read through .value, slicing or an operator (ZeRO-3, FSDP)"),
     Patch(_LAYER, "__new__", _new,
           "a layer created under a strategy remembers it and builds under it"),
     Patch(_LAYER, "__call__", _call,
@@ -496,6 +511,11 @@ def backend_variable(x):
     # for anything else; ``.value`` would autocast or run the initializer).
     inner = getattr(x, "_value", None)
     return inner if isinstance(inner, _tf_core.tf.Variable) else None
+
+
+def stored_value(variable):
+    # Variable.value as stored, without tfshard's read hook (autocast applies).
+    return variable._maybe_autocast(variable._value)
 
 
 def replace_variable_value(variable, value):
