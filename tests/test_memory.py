@@ -137,3 +137,30 @@ def test_unbuilt_optimizer_and_uncompiled_model(batch):
         ("Placeholder", (2, 4)), ("Sub", (2, 2)), ("Sum", ())]
     assert breakdown.activations == (2 * 4 + 2 * 2 + 1) * F32
     assert "activations" in breakdown.table()
+
+
+def test_bench_memory_prints_bytes_by_kind_per_mesh_and_zero_stage(capsys):
+    """``tfshard bench CONFIG --memory --zero-stages 0,3``: one row per run;
+    ZeRO-3 divides parameters, gradients and Adam's state by the data axis
+    too and leaves the activations as they are."""
+    import os
+
+    from tfshard.app import cli
+
+    config = os.path.join(os.path.dirname(__file__), "..", "configs", "transformer_2x4.yaml")
+    small = ["--set", "model.d_model=32", "--set", "model.heads=8", "--set", "model.d_ff=64",
+             "--set", "model.layers=1", "--set", "model.seq_len=16", "--set", "train.batch_size=8",
+             "--set", "data.max_bytes=100000"]
+    assert cli.main(["bench", config, "--memory", "--meshes", "2x4", "--zero-stages", "0,3", *small]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith(("plain", "tfshard")):
+            name, numbers = line[:28].strip(), [int(n.replace(",", "")) for n in line[28:].split()]
+            rows[name] = dict(zip(("parameters", "gradients", "optimizer", "activations", "total"), numbers))
+    assert list(rows) == ["plain keras 1 device", "tfshard 2x4", "tfshard 2x4 zero-3"], rows
+    plain, tp, zero3 = rows.values()
+    assert tp["activations"] == zero3["activations"] < plain["activations"] / 2
+    assert zero3["parameters"] < tp["parameters"] < plain["parameters"] / 2
+    assert zero3["optimizer"] < tp["optimizer"]
+    assert cli.main(["bench", config, "--memory", "--zero-stages", "0,4", *small]) == 2
+    assert "--zero-stages '0,4'" in capsys.readouterr().err

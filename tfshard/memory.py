@@ -262,11 +262,9 @@ def memory_by_kind(model, batch, strategy=None):
     records = zip(record["kept"], kept_values, origin_values)
     for (name, op_type, shape, dtype, origin, is_variable, from_batch), value, origin_value in records:
         layout = _layout_text(value)
-        if origin != name and layout == _layout_text(origin_value):
-            # A relayout to the layout it had: the same buffer (a
-            # variable's is a parameter).
-            if is_variable or (origin, layout) in buffers:
-                continue
+        same_buffer = origin != name and layout == _layout_text(origin_value)
+        if same_buffer and (is_variable or (origin, layout) in buffers):
+            continue  # a relayout to the layout it had (a variable's is a parameter)
         buffers.add((origin, layout))
         size, local = _local_bytes(value)
         kept.append(KeptTensor(name, op_type, shape, local, dtype, size, from_batch))
