@@ -201,7 +201,7 @@ def memory_by_mesh(config, meshes, *, zero_stages=(0,), out=print):
     runs = {"plain keras 1 device": None}
     for shape in meshes:
         for stage in zero_stages:
-            name = "tfshard %dx%d" % tuple(shape) + (f" zero-{stage}" if stage else "")
+            name = f"tfshard {shape[0]}x{shape[1]}" + (f" zero-{stage}" if stage else "")
             runs[name] = (tuple(shape), stage)
     results = {}
     for name, run in runs.items():
