@@ -513,6 +513,14 @@ def backend_variable(x):
     return inner if isinstance(inner, _tf_core.tf.Variable) else None
 
 
+def wrap_attention_core(layer, wrap):
+    # MultiHeadAttention/GroupQueryAttention._compute_attention(query, key,
+    # value, attention_mask=None, training=None, ...) -> (output, scores):
+    # the attention core (scores, softmax, dropout, weighted values), replaced
+    # on this instance by wrap(the bound original).
+    object.__setattr__(layer, "_compute_attention", wrap(layer._compute_attention))
+
+
 def stored_value(variable):
     # Variable.value as stored, without tfshard's read hook (autocast applies).
     return variable._maybe_autocast(variable._value)

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from keras import tree
 
-from tfshard import _dtensor, _keras
+from tfshard import _dtensor, _keras, recompute
 from tfshard.layout import KEEP, validate_spec
 from tfshard.strategy import (
     _computing_on,
@@ -90,6 +90,8 @@ def _layer_created(layer):
             return build(*args, **kwargs)
 
     object.__setattr__(layer, "build", build_in_scope)
+    if strategy.recompute is not None:
+        recompute.prepare(layer, strategy.recompute)
 
 
 def _gathered_op(op, inputs, *args, **kwargs):

@@ -51,6 +51,7 @@ from tfshard.mesh import Mesh
 from tfshard.report import variable_table
 from tfshard.styles import Plan, resolve_style, resolve_weight
 from tfshard.tensors import VariableLayout
+from tfshard.recompute import check_mode as check_recompute_mode
 from tfshard.zero import ZeroSharding, check_combination, check_stage, hold_gradients
 
 # "experts" (ExpertParallelMoE) defaults to the tensor axis too; a rule
@@ -87,9 +88,11 @@ class Strategy:
     """A mesh plus layout rules. Build it with :class:`StrategyBuilder`."""
 
     def __init__(self, mesh, data_axis, tensor_axis, logical_rules, plan, *,
-                 optimizer_state_axis=None, zero_stage=None, random_streams="global"):
+                 optimizer_state_axis=None, zero_stage=None, random_streams="global",
+                 recompute=None):
         self._mesh = mesh
         self._random_streams = random_streams
+        self._recompute = recompute
         if zero_stage is None:
             zero_stage = 0 if optimizer_state_axis is None else 1
         self._zero = ZeroSharding(
@@ -132,6 +135,11 @@ class Strategy:
         :meth:`StrategyBuilder.random_streams`); ``"per_device"``: DTensor's
         own per-device streams."""
         return self._random_streams
+
+    @property
+    def recompute(self):
+        """None, ``"selective"`` or ``"full"``: see :mod:`tfshard.recompute`."""
+        return self._recompute
 
     @property
     def logical_rules(self) -> LogicalRules:
@@ -409,6 +417,7 @@ class StrategyBuilder:
         self._rules = LogicalRules()
         self._plan = Plan()
         self._random_streams = "global"
+        self._recompute = None
 
     def _check_axis(self, method, axis):
         if axis not in self._mesh.axis_names:
@@ -439,6 +448,16 @@ class StrategyBuilder:
         self._check_axis("shard_optimizer_state", axis)
         self._zero_stage = check_stage(axis, stage)
         self._optimizer_state_axis = axis
+        return self
+
+    def recompute(self, mode):
+        """Keep less for backward and run parts of the forward pass again in
+        it: ``"selective"``, each attention core (its ``a·s²·b`` scores are
+        not kept); ``"full"``, each block (a layer of layers inside a model:
+        only its inputs are kept). Gradients are unchanged; a recomputed
+        layer with active dropout is an error. Applies to layers created in
+        the strategy's scope. See :mod:`tfshard.recompute`."""
+        self._recompute = check_recompute_mode(mode)
         return self
 
     RANDOM_STREAMS = ("global", "per_device")
@@ -542,6 +561,7 @@ class StrategyBuilder:
             optimizer_state_axis=self._optimizer_state_axis,
             zero_stage=self._zero_stage,
             random_streams=self._random_streams,
+            recompute=self._recompute,
         )
 
 
