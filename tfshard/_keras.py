@@ -261,17 +261,17 @@ def _tf_tensor(original):
     return __tf_tensor__
 
 
-def _value(original):
-    getter = original.fget
-
-    @functools.wraps(getter)
-    def value(self):
-        out = getter(self)
+def _getitem(original):
+    @functools.wraps(original)
+    def __getitem__(self, idx):
         if hooks.read_variable is not None:
-            out = hooks.read_variable(self, out)
-        return out
+            value = self.value
+            read = hooks.read_variable(self, value)
+            if read is not value:
+                return read[idx]
+        return original(self, idx)
 
-    return property(value, original.fset, original.fdel, original.__doc__)
+    return __getitem__
 
 
 def _new(original):
@@ -379,8 +379,8 @@ CORE_PATCHES = (
     Patch(_VARIABLE, "__array__", _array, "global values out of sharded variables"),
     Patch(_VARIABLE, "__tf_tensor__", _tf_tensor,
           "a weight split over the data axis (FSDP) is read whole inside a layer call"),
-    Patch(_VARIABLE, "value", _value,
-          "... also when read through .value, slicing or an operator (ZeRO-3, FSDP)"),
+    Patch(_VARIABLE, "__getitem__", _getitem,
+          "... also when sliced, e.g. a position table (ZeRO-3, FSDP)"),
     Patch(_LAYER, "__new__", _new,
           "a layer created under a strategy remembers it and builds under it"),
     Patch(_LAYER, "__call__", _call,
@@ -519,11 +519,6 @@ def wrap_attention_core(layer, wrap):
     # the attention core (scores, softmax, dropout, weighted values), replaced
     # on this instance by wrap(the bound original).
     object.__setattr__(layer, "_compute_attention", wrap(layer._compute_attention))
-
-
-def stored_value(variable):
-    # Variable.value as stored, without tfshard's read hook (autocast applies).
-    return variable._maybe_autocast(variable._value)
 
 
 def replace_variable_value(variable, value):

@@ -193,7 +193,7 @@ def _take(original, x, indices, axis=None):
     elif ids.shape.rank:
         ids = strategy.place(ids, (KEEP,) + (None,) * (ids.shape.rank - 1))
     ids = tf.where(ids < 0, ids + vocab, ids)  # negative ids count from the end
-    stored = tf.convert_to_tensor(_keras.stored_value(x))  # as stored: no compute relayout
+    stored = tf.convert_to_tensor(x.value)  # as stored: no compute relayout
 
     @tf.custom_gradient
     def lookup(table):
