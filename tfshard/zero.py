@@ -22,8 +22,8 @@ tensor-parallel layout. Numerics are those of one device at every stage.
 
 The gathered copy of a stage-3 parameter lives from the layer's forward
 until its backward (TensorFlow keeps what the gradient reads), as FSDP with
-``reshard_after_forward=False`` does; ``StrategyBuilder.recompute`` is the
-way to re-gather instead.
+``reshard_after_forward=False`` does; ``tfshard.memory.memory_by_kind``
+lists these copies as ``parameter_copies``.
 """
 
 from __future__ import annotations
