@@ -9,6 +9,8 @@ variables to their DVariables with ``tfshard._keras.backend_variable``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import numpy as np
@@ -240,6 +242,24 @@ def conform(value, layout, dtype):
     return distribute(np.asarray(value), layout, dtype=dtype)
 
 
+_FRESH_READS = contextvars.ContextVar("tfshard_fresh_variable_reads", default=False)
+
+
+@contextlib.contextmanager
+def fresh_variable_reads():
+    """Within this block, reads of :class:`LaidOutVariable` inside a traced
+    function are new ``ReadVariableOp``s, outside its once-per-function cache:
+    a recomputation in the backward pass (``tf.recompute_grad``) must read the
+    variables under its own ``GradientTape`` to get their gradients. Safe
+    there: nothing writes a parameter between the forward and the backward
+    pass of a step."""
+    token = _FRESH_READS.set(True)
+    try:
+        yield
+    finally:
+        _FRESH_READS.reset(token)
+
+
 class LaidOutVariable(dtensor.DVariable):
     """A DVariable that is safe to write and read back inside one function.
 
@@ -289,7 +309,7 @@ class LaidOutVariable(dtensor.DVariable):
                 outer = getattr(outer, "outer_graph", None)
 
     def _read_variable_op(self, no_copy=False):
-        if tf.executing_eagerly():
+        if tf.executing_eagerly() or _FRESH_READS.get():
             return super()._read_variable_op(no_copy=no_copy)
         graph = tf.compat.v1.get_default_graph()
         value = self._cached(graph)

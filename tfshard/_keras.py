@@ -262,6 +262,19 @@ def _tf_tensor(original):
     return __tf_tensor__
 
 
+def _getitem(original):
+    @functools.wraps(original)
+    def __getitem__(self, idx):
+        if hooks.read_variable is not None:
+            value = self.value
+            read = hooks.read_variable(self, value)
+            if read is not value:
+                return read[idx]
+        return original(self, idx)
+
+    return __getitem__
+
+
 def _new(original):
     @functools.wraps(original)
     def __new__(cls, *args, **kwargs):
@@ -408,6 +421,8 @@ CORE_PATCHES = (
     Patch(_VARIABLE, "__array__", _array, "global values out of sharded variables"),
     Patch(_VARIABLE, "__tf_tensor__", _tf_tensor,
           "a weight split over the data axis (FSDP) is read whole inside a layer call"),
+    Patch(_VARIABLE, "__getitem__", _getitem,
+          "... also when sliced, e.g. a position table (ZeRO-3, FSDP)"),
     Patch(_LAYER, "__new__", _new,
           "a layer created under a strategy remembers it and builds under it"),
     Patch(_LAYER, "__call__", _call,
@@ -524,6 +539,14 @@ def backend_variable(x):
     # for anything else; ``.value`` would autocast or run the initializer).
     inner = getattr(x, "_value", None)
     return inner if isinstance(inner, _tf_core.tf.Variable) else None
+
+
+def wrap_attention_core(layer, wrap):
+    # MultiHeadAttention/GroupQueryAttention._compute_attention(query, key,
+    # value, attention_mask=None, training=None, ...) -> (output, scores):
+    # the attention core (scores, softmax, dropout, weighted values), replaced
+    # on this instance by wrap(the bound original).
+    object.__setattr__(layer, "_compute_attention", wrap(layer._compute_attention))
 
 
 def replace_variable_value(variable, value):

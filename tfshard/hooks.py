@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from keras import tree
 
-from tfshard import _dtensor, _keras
+from tfshard import _dtensor, _keras, recompute
 from tfshard.layout import KEEP, validate_spec
 from tfshard.strategy import (
     _computing_on,
@@ -58,6 +58,7 @@ def _make_variable(kvar, value):
         spec = validate_spec(
             layout.axes, shape, strategy.mesh, name=f"Variable {kvar.path!r} (its layout=)"
         )
+        spec = strategy.parameter_spec(spec, shape, trainable=kvar.trainable)
     else:
         strategy = current_strategy()
         if strategy is None:
@@ -66,6 +67,8 @@ def _make_variable(kvar, value):
         layers = _keras.enclosing_layers()
         owner, parents = (layers[-1], layers[:-1]) if layers else (None, [])
         spec = strategy.variable_spec(kvar.path, shape, name=kvar.name, layer=owner, parents=parents)
+        # ZeRO-3: a trainable weight is stored split over the data axis too.
+        spec = strategy.parameter_spec(spec, shape, trainable=kvar.trainable)
     return strategy._variable_on_mesh(kvar, value, spec)
 
 
@@ -88,6 +91,8 @@ def _layer_created(layer):
             return build(*args, **kwargs)
 
     object.__setattr__(layer, "build", build_in_scope)
+    if strategy.recompute is not None:
+        recompute.prepare(layer, strategy.recompute)
 
 
 def _gathered_op(op, inputs, *args, **kwargs):
@@ -125,23 +130,16 @@ def _gathered_op(op, inputs, *args, **kwargs):
 
 
 def _pin_gradients(grads, variables):
-    """With ZeRO optimizer-state sharding, lay each gradient out exactly like
-    its parameter before the optimizer sees it, so the slots' data-axis split
-    cannot propagate back into the backward pass (DTensor then fails with
-    "output layout of Relayout op ... does not match"). Without ZeRO the
-    gradients are left to DTensor's own propagation."""
-    out = []
-    for grad, variable in zip(grads, variables):
-        layout = _keras.variable_layout(variable)
-        if (
-            grad is not None
-            and isinstance(layout, VariableLayout)
-            and layout.strategy.optimizer_state_axis is not None
-            and not isinstance(grad, tf.IndexedSlices)
-        ):
-            grad = layout.strategy.place(grad, layout.spec)
-        out.append(grad)
-    return out
+    """Gradients laid out as the strategy holds them for the optimizer
+    update (:meth:`Strategy.hold_gradients`; only with ZeRO)."""
+    strategies = {
+        id(layout.strategy): layout.strategy
+        for layout in map(_keras.variable_layout, variables)
+        if isinstance(layout, VariableLayout)
+    }
+    for strategy in strategies.values():
+        grads = strategy.hold_gradients(grads, variables)
+    return grads
 
 
 def _read_variable(kvar, value):

@@ -51,6 +51,8 @@ from tfshard.mesh import Mesh
 from tfshard.report import variable_table
 from tfshard.styles import Plan, resolve_style, resolve_weight
 from tfshard.tensors import VariableLayout
+from tfshard.recompute import check_mode as check_recompute_mode
+from tfshard.zero import ZeroSharding, check_combination, check_stage, hold_gradients
 
 # "experts" (ExpertParallelMoE) defaults to the tensor axis too; a rule
 # {"experts": <data axis>} gives GShard's experts-over-data layout instead.
@@ -86,10 +88,18 @@ class Strategy:
     """A mesh plus layout rules. Build it with :class:`StrategyBuilder`."""
 
     def __init__(self, mesh, data_axis, tensor_axis, logical_rules, plan, *,
-                 optimizer_state_axis=None, random_streams="global"):
+                 optimizer_state_axis=None, zero_stage=None, random_streams="global",
+                 recompute=None):
         self._mesh = mesh
         self._random_streams = random_streams
-        self._optimizer_state_axis = optimizer_state_axis
+        self._recompute = recompute
+        if zero_stage is None:
+            zero_stage = 0 if optimizer_state_axis is None else 1
+        self._zero = ZeroSharding(
+            optimizer_state_axis,
+            int(zero_stage) if optimizer_state_axis is not None else 0,
+            mesh.axis_size(optimizer_state_axis) if optimizer_state_axis is not None else 1,
+        )
         self._data_axis = data_axis
         self._tensor_axis = tensor_axis
         self._logical_rules = logical_rules
@@ -125,6 +135,11 @@ class Strategy:
         :meth:`StrategyBuilder.random_streams`); ``"per_device"``: DTensor's
         own per-device streams."""
         return self._random_streams
+
+    @property
+    def recompute(self):
+        """None, ``"selective"`` or ``"full"``: see :mod:`tfshard.recompute`."""
+        return self._recompute
 
     @property
     def logical_rules(self) -> LogicalRules:
@@ -261,24 +276,35 @@ class Strategy:
 
     @property
     def optimizer_state_axis(self):
-        return self._optimizer_state_axis
+        return self._zero.axis
+
+    @property
+    def zero_stage(self):
+        """0 (ZeRO off), 1 (optimizer slots split over the data axis), 2 (and
+        gradients) or 3 (and parameters): see :mod:`tfshard.zero`."""
+        return self._zero.stage
 
     def optimizer_state_spec(self, spec, shape):
-        """The spec of an optimizer slot for a parameter laid out as ``spec``.
+        """The spec of an optimizer slot for a parameter laid out as
+        ``spec``: the parameter's, plus (ZeRO) the data axis on the first
+        whole dimension it divides (see :mod:`tfshard.zero`)."""
+        return self._zero.state_spec(spec, shape)
 
-        The parameter's layout, plus (ZeRO-1, when ``shard_optimizer_state``
-        is on) the first dimension that is still whole and divides evenly
-        split over the data axis. Slots of small or indivisible parameters
-        keep the parameter's layout.
-        """
-        axis = self._optimizer_state_axis
-        if axis is None or axis in spec:
-            return tuple(spec)
-        parts = self._mesh.axis_size(axis)
-        for dim, (entry, size) in enumerate(zip(spec, shape)):
-            if entry is None and int(size) % parts == 0 and int(size) >= parts:
-                return tuple(spec[:dim]) + (axis,) + tuple(spec[dim + 1:])
-        return tuple(spec)
+    def gradient_spec(self, spec, shape):
+        """The spec a gradient is held in for the optimizer update: the
+        parameter's, or (ZeRO-2/3) its slots'."""
+        return self._zero.gradient_spec(spec, shape)
+
+    def parameter_spec(self, spec, shape, *, trainable=True):
+        """The spec a variable the plan lays out as ``spec`` is stored in:
+        with ZeRO-3 a trainable one is also split over the data axis (and
+        read whole inside a layer call, :meth:`compute_spec`)."""
+        return self._zero.parameter_spec(spec, shape, trainable)
+
+    def hold_gradients(self, grads, variables):
+        """``grads`` laid out as :meth:`gradient_spec` says (with ZeRO; see
+        :func:`tfshard.zero.hold_gradients`)."""
+        return hold_gradients(self, grads, variables)
 
     def batch_spec(self, shape):
         """Batch dim over the data axis when it divides, the rest replicated."""
@@ -387,9 +413,11 @@ class StrategyBuilder:
         self._data_axis = None
         self._tensor_axis = None
         self._optimizer_state_axis = None
+        self._zero_stage = 0
         self._rules = LogicalRules()
         self._plan = Plan()
         self._random_streams = "global"
+        self._recompute = None
 
     def _check_axis(self, method, axis):
         if axis not in self._mesh.axis_names:
@@ -410,16 +438,26 @@ class StrategyBuilder:
         self._tensor_axis = axis
         return self
 
-    def shard_optimizer_state(self, axis):
-        """Also split optimizer slots over ``axis`` (ZeRO stage 1).
-
-        Each slot is split like its parameter and, in addition, over the data
-        axis; the update writes each parameter's new value back replicated over
-        that axis (DTensor all-gathers it). Adam's state per device becomes
-        global / (dp x tp). Numerics are unchanged.
-        """
+    def shard_optimizer_state(self, axis, stage=1):
+        """Split training state over the data axis ``axis`` (ZeRO): stage 1
+        the optimizer slots, 2 also the gradients (reduce-scattered instead
+        of all-reduced), 3 also the trainable parameters (all-gathered when
+        a layer reads them). Parameters, gradients and Adam's state per
+        device come to global / (dp x tp) at stage 3; numerics are
+        unchanged. See :mod:`tfshard.zero`."""
         self._check_axis("shard_optimizer_state", axis)
+        self._zero_stage = check_stage(axis, stage)
         self._optimizer_state_axis = axis
+        return self
+
+    def recompute(self, mode):
+        """Keep less for backward and run parts of the forward pass again in
+        it: ``"selective"``, each attention core (its ``a·s²·b`` scores are
+        not kept); ``"full"``, each block (a layer of layers inside a model:
+        only its inputs are kept). Gradients are unchanged; a recomputed
+        layer with active dropout is an error. Applies to layers created in
+        the strategy's scope. See :mod:`tfshard.recompute`."""
+        self._recompute = check_recompute_mode(mode)
         return self
 
     RANDOM_STREAMS = ("global", "per_device")
@@ -515,12 +553,15 @@ class StrategyBuilder:
                 f"data_parallel and tensor_parallel both use mesh axis "
                 f"{self._data_axis!r}; give each its own axis."
             )
+        check_combination(self._optimizer_state_axis, self._zero_stage, self._data_axis)
         rules = completed_rules(self._rules, self._data_axis, self._tensor_axis)
         rules.check_axes(self._mesh)
         return Strategy(
             self._mesh, self._data_axis, self._tensor_axis, rules, self._plan.copy(),
             optimizer_state_axis=self._optimizer_state_axis,
+            zero_stage=self._zero_stage,
             random_streams=self._random_streams,
+            recompute=self._recompute,
         )
 
 

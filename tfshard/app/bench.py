@@ -12,6 +12,12 @@
   SPMD dump of the compiled train step (measured in a child process, because
   DTensor only dumps when TensorFlow starts with its logging flag).
 
+With ``--memory`` it prints instead, for each mesh (and ZeRO stage, with
+``--zero-stages``), the per-device bytes of one training step by kind:
+parameters, gradients, optimizer state and activations
+(:func:`tfshard.memory.memory_by_kind`; activations are the tensors the step
+keeps for backward, at their local shard shapes).
+
 Optionally (``--jax``) the same model is timed on Keras 3's JAX backend with
 ``keras.distribution.ModelParallel`` in a child process (see
 ``tfshard/app/_jax_reference.py``), when JAX is installed.
@@ -164,6 +170,52 @@ def to_json(results):
         return value
 
     return encode(results)
+
+
+def zero_strategy(config, stage):
+    """``jobs.build_strategy(config)`` with ZeRO ``stage`` over the data axis
+    (0: none)."""
+    from tfshard.mesh import Mesh
+    from tfshard.strategy import StrategyBuilder
+
+    builder = (
+        StrategyBuilder(Mesh({"batch": config["mesh"]["batch"], "model": config["mesh"]["model"]}))
+        .data_parallel("batch")
+        .tensor_parallel("model")
+        .rules(config["layout"]["rules"])
+    )
+    if stage:
+        builder.shard_optimizer_state("batch", stage=stage)
+    return builder.build()
+
+
+def memory_by_mesh(config, meshes, *, zero_stages=(0,), out=print):
+    """Print and return ``{run: MemoryBreakdown}``: per-device bytes of one
+    training step of ``config``'s model on one batch, by kind, for plain
+    Keras on one device and for each mesh and ZeRO stage."""
+    from tfshard.app import jobs
+    from tfshard.memory import memory_by_kind
+
+    (x, y), _ = jobs.load_data({**config, "train": {**config["train"], "steps": 1}})
+    batch = config["train"]["batch_size"]
+    runs = {"plain keras 1 device": None}
+    for shape in meshes:
+        for stage in zero_stages:
+            name = f"tfshard {shape[0]}x{shape[1]}" + (f" zero-{stage}" if stage else "")
+            runs[name] = (tuple(shape), stage)
+    results = {}
+    for name, run in runs.items():
+        strategy = None if run is None else zero_strategy(with_mesh(config, run[0]), run[1])
+        model = jobs.build_model(config, strategy)
+        results[name] = memory_by_kind(model, (x[:batch], y[:batch]))
+    out(f"per-device bytes of one training step, batch {batch} (tfshard.memory.memory_by_kind)")
+    kinds = ("parameters", "gradients", "optimizer", "activations")
+    header = f"{'run':<28}" + "".join(f"{k:>13}" for k in kinds) + f"{'total':>13}"
+    out(header)
+    out("-" * len(header))
+    for name, r in results.items():
+        out(f"{name:<28}" + "".join(f"{getattr(r, k):>13,}" for k in kinds) + f"{r.total:>13,}")
+    return results
 
 
 def check_jax_reference_config(config):

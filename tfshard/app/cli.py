@@ -3,6 +3,7 @@
     tfshard train configs/transformer_2x4.yaml [--steps N] [--set key=value ...]
     tfshard inspect configs/transformer_2x4.yaml
     tfshard bench configs/transformer_2x4.yaml [--meshes 1x1,1x8,2x4,8x1] [--jax]
+    tfshard bench configs/transformer_2x4.yaml --memory [--zero-stages 0,3]
     tfshard launch --processes 2 --devices-per-process 4 -- tfshard train CONFIG
 
 On a machine without accelerators the mesh runs on virtual CPU devices
@@ -75,6 +76,11 @@ def _parser():
                              help="instead: time dropout RATE drawn as one device draws it "
                                   "(layout.random_streams=global) against per-device draws and "
                                   "dropout off, on the config's mesh")
+            cmd.add_argument("--memory", action="store_true",
+                             help="print per-device bytes of one training step by kind "
+                                  "(parameters, gradients, optimizer, activations) instead of timing")
+            cmd.add_argument("--zero-stages", default="0", metavar="STAGES",
+                             help="with --memory: ZeRO stages to show per mesh, e.g. 0,3 (default 0)")
     _add_launch(sub)
     return parser
 
@@ -161,6 +167,7 @@ def _run(args, config):
         from tfshard.app import bench
 
         args.meshes = bench.parse_meshes(args.meshes)
+        args.zero_stages = _zero_stages(args.zero_stages)
         if args.random_cost is None:
             devices_for = bench.with_mesh(config, max(args.meshes, key=lambda m: m[0] * m[1]))
     jobs.prepare_devices(devices_for)  # before TensorFlow starts
@@ -171,6 +178,20 @@ def _run(args, config):
     else:
         return _bench(args, config)
     return 0
+
+
+def _zero_stages(text):
+    from tfshard.app.config import ConfigError
+
+    try:
+        stages = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        stages = ()
+    if not stages or any(stage not in (0, 1, 2, 3) for stage in stages):
+        raise ConfigError(
+            f"--zero-stages {text!r}: give ZeRO stages from 0 (none) to 3, comma-separated, e.g. 0,3."
+        )
+    return stages
 
 
 def _bench(args, config):
@@ -186,6 +207,9 @@ def _bench(args, config):
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(results, handle, indent=2)
+        return 0
+    if args.memory:
+        bench.memory_by_mesh(config, args.meshes, zero_stages=args.zero_stages)
         return 0
     results = bench.bench(config, meshes=args.meshes, steps=args.steps, rounds=args.rounds,
                           collectives=not args.no_collectives, jax=args.jax)
