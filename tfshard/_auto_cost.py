@@ -178,6 +178,13 @@ def unit_entries(unit, setting, choice, keys):
         if heads % tp:
             return [], [], f"{unit.reason}: {heads} heads do not divide {axis}={tp}: replicated"
         kv_split = kv % tp == 0 and (kv == heads or setting.splits("kv_heads"))
+        if not kv_split and info.get("regrouped"):
+            # DTensor mis-expands the gradient of that reshape of heads split
+            # over the axis into (kv, groups) when kv does not divide it
+            # (measured on keras-hub Gemma3: "SPMD expansion resulted in op
+            # output inconsistent with the provided layout").
+            return [], [], (f"{unit.reason}: replicated (the query's {heads} heads are regrouped as "
+                            f"{kv} key/value heads x {heads // kv}, and {kv} does not divide {axis}={tp})")
         note = "" if kv_split else f"; kv heads {kv} do not divide {axis}={tp}: key/value replicated"
         if info["named"]:
             style = HeadParallel() if kv_split else HeadParallel(kv_heads=None)

@@ -221,6 +221,29 @@ def _heads_shape(call):
     return None
 
 
+def _regrouped(call, heads, kv_heads, limit=64):
+    """Whether the query heads are reshaped into ``(kv_heads, heads //
+    kv_heads)`` groups downstream of ``call`` (grouped-query attention
+    written as a reshape of the query, as keras-hub's Gemma does, rather
+    than a repeat of the keys and values)."""
+    frontier = [t for t in call.outputs[:1]]
+    seen = set()
+    while frontier and len(seen) < limit:
+        tensor = frontier.pop()
+        for op in tensor.consumers():
+            if op.name in seen:
+                continue
+            seen.add(op.name)
+            for out in op.outputs:
+                shape = out.shape
+                if op.type == "Reshape" and shape.rank == tensor.shape.rank + 1 and shape.rank >= 3 \
+                        and shape[-3] == kv_heads and shape[-2] == heads // kv_heads:
+                    return True
+                if out.shape.rank == tensor.shape.rank:
+                    frontier.append(out)
+    return False
+
+
 def _attention(projections, producers, claim, taken):
     for out in projections:
         if id(out.layer) in taken:
@@ -250,6 +273,7 @@ def _attention(projections, producers, claim, taken):
             heads=heads, kv_heads=kv_heads, owner=owner, named=named, head_dim=shaped[query[0]][1],
             query=[c.layer for c in query], kv=[c.layer for c in kv], output=out.layer,
             width=o.width_out,
+            regrouped=kv_heads < heads and any(_regrouped(c, heads, kv_heads) for c in query),
         )
         what = "multi-head" if kv_heads == heads else f"grouped-query ({kv_heads} key/value heads)"
         reason = f"{what} attention, {heads} heads -> {o.width_out}"
