@@ -122,16 +122,14 @@ class AutoPlan(Plan):
         return "\n".join(lines)
 
     def explain(self):
-        """Every layer with weights: its style or spec and why; the notes;
-        the candidate plans compared."""
-        lines = self._summary() + ["", "layers:"]
+        """The plan (as ``print(plan)``), then every layer with weights and
+        what was decided for it, the collectives of a step and the candidate
+        plans compared."""
+        lines = str(self).splitlines() + ["", "layers:"]
         decided = {id(u): reason for u, reason in self._unit_reasons()}
         for unit in self.units:
             names = ", ".join(layer.path if hasattr(layer, "path") else layer.name for layer in unit.layers)
             lines.append(f"  {names}: {decided.get(id(unit), unit.reason)}")
-        if self.notes:
-            lines.append("")
-            lines += [f"note: {note}" for note in self.notes]
         lines += ["", "collectives per step (cost model):"]
         for row in self.assessment.rows:
             lines.append(f"  {row.stage[0]:>6} {row.kind}[{row.axis}] {_fmt_bytes(row.nbytes)}: {row.what}")
