@@ -316,7 +316,7 @@ def llama_backbone():
 
 
 def test_a_budget_no_plan_fits_names_the_smallest_bytes_and_a_mesh_that_fits():
-    keras_hub = pytest.importorskip("keras_hub")  # noqa: F841
+    pytest.importorskip("keras_hub")
     x = {"token_ids": np.zeros((8, 8), "int32"), "padding_mask": np.ones((8, 8), "int32")}
     plan = auto_plan(llama_backbone, mesh(), inputs=x)
     smallest = min(a.bytes_per_device for a in plan.alternatives)
@@ -332,7 +332,7 @@ def test_a_budget_no_plan_fits_names_the_smallest_bytes_and_a_mesh_that_fits():
 
 
 def test_explanations_name_what_the_mesh_cannot_divide():
-    keras_hub = pytest.importorskip("keras_hub")  # noqa: F841
+    pytest.importorskip("keras_hub")
     x = {"token_ids": np.zeros((8, 8), "int32"), "padding_mask": np.ones((8, 8), "int32")}
     plan = auto_plan(llama_backbone, mesh(), inputs=x)
     text = str(plan)
@@ -344,7 +344,7 @@ def test_explanations_name_what_the_mesh_cannot_divide():
 
 
 def test_plan_entries_that_match_nothing_name_the_nearest_paths():
-    keras_hub = pytest.importorskip("keras_hub")  # noqa: F841
+    pytest.importorskip("keras_hub")
     typo = Plan({
         "transformer_layer_0/self_atention": HeadParallel(),
         "transformer_layer_0/feedforward_output_dense/kernal": ("model", None),
@@ -362,7 +362,7 @@ def test_plan_entries_that_match_nothing_name_the_nearest_paths():
 
 
 def test_two_styles_on_one_layer_is_an_error_naming_both():
-    keras_hub = pytest.importorskip("keras_hub")  # noqa: F841
+    pytest.importorskip("keras_hub")
     plan = auto_plan(llama_backbone, mesh())
     both = Plan(plan)
     both.add(keras.layers.Dense, Replicate())  # clashes with the feed-forward's path entries

@@ -20,16 +20,16 @@ must match something.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping
 
 import keras
 
 from tfshard import _auto_cost, _auto_recognize, _auto_trace
+from tfshard._plan_check import check_plan
 from tfshard.errors import ShardingError, StrategyError
 from tfshard.layout import LogicalRules
-from tfshard.styles import LAYER, OUTPUT, VARIABLE, Plan, Style, weight_owners
+from tfshard.styles import Plan, Style, weight_owners
 
 __all__ = ["auto_plan", "AutoPlan", "check_plan"]
 
@@ -50,7 +50,8 @@ class AutoPlan(Plan):
     ZeRO-1 (see :meth:`builder`).
     """
 
-    def __init__(self, chosen, alternatives, units, notes, model_name, entries=None):
+    def __init__(self, chosen, alternatives, units, notes, model_name, entries=None, *,
+                 keys=None, user_rules=None):
         entries = chosen.entries if entries is None else entries
         super().__init__([(key, value) for key, value, _ in entries])
         self.reasons = {key: reason for key, value, reason in entries}
@@ -61,6 +62,8 @@ class AutoPlan(Plan):
         self.model_name = model_name
         self.optimizer_state_axis = chosen.optimizer_state_axis
         self.rules = chosen.setting.rules
+        self._keys = keys or {}  # id(layer) -> its plan key
+        self._user_rules = dict(user_rules or {})  # the rules= given, for builder()
 
     # ------------------------------------------------------------ numbers
     @property
@@ -93,7 +96,6 @@ class AutoPlan(Plan):
             builder.shard_optimizer_state(self.optimizer_state_axis)
         return builder
 
-    _user_rules = {}
 
     # ------------------------------------------------------------ reports
     def _summary(self):
@@ -241,10 +243,8 @@ def auto_plan(build_model, mesh, *, memory_budget=None, rules=None, inputs=None,
         notes.append("nothing to split: every weight stays replicated (data parallel only)")
     entries = chosen.entries + _pinned_weights(model, chosen, owners, keys)
     entries = _compressed(entries, all_paths, [w.path for w in model.weights])
-    plan = AutoPlan(chosen, sorted(assessed, key=lambda a: a.rank()), units, notes, model.name, entries)
-    plan._keys = keys
-    plan._user_rules = user_rules
-    return plan
+    return AutoPlan(chosen, sorted(assessed, key=lambda a: a.rank()), units, notes, model.name, entries,
+                    keys=keys, user_rules=user_rules)
 
 
 def _pinned_weights(model, assessment, owners, keys):
@@ -452,62 +452,3 @@ def _optimizer_slots(model, notes):
     if name == "SGD":
         return 1 if getattr(optimizer, "momentum", 0) else 0
     return _SLOTS.get(name, 2)
-
-
-# -------------------------------------------------------------- check_plan
-def check_plan(plan, model):
-    """Check that every entry of ``plan`` matches something in ``model``
-    (a model, or a zero-argument function building it, built abstractly):
-    a layer-path or layer-class entry some layer, a variable entry some
-    variable, an output entry some layer; and that no layer has two styles.
-    Raises :class:`tfshard.ShardingError` naming each entry that matches
-    nothing (with the nearest paths) and both entries of each clash."""
-    if not isinstance(plan, Plan):
-        plan = Plan(plan)
-    if not isinstance(model, keras.layers.Layer):
-        model, _ = _auto_trace.build_abstract(model)
-    layers = _auto_trace.all_layers(model)
-    layer_paths = [getattr(layer, "path", None) or layer.name for layer in layers]
-    variable_paths = [w.path for w in model.weights]
-    problems = []
-    for key, kind, value, compiled in plan._entries:
-        if kind == LAYER and isinstance(key, type):
-            if not any(isinstance(layer, key) for layer in layers):
-                present = sorted({type(layer).__name__ for layer in layers})
-                near = difflib.get_close_matches(key.__name__, present, n=3, cutoff=0.3)
-                problems.append(f"plan[{key.__name__}] matches no layer of the model "
-                                f"(layer classes nearest: {near or present[:5]})")
-            continue
-        if kind == LAYER:
-            candidates, path_key = layer_paths, key
-        elif kind == OUTPUT:
-            candidates, path_key = layer_paths, key[: -len("/output")]
-            compiled = re.compile(path_key)
-        elif kind == VARIABLE:
-            candidates, path_key = variable_paths, key
-        else:
-            continue  # a keras LayoutMap: Keras's own semantics (unmatched keys are allowed there)
-        if any(compiled.fullmatch(path) for path in candidates):
-            continue
-        near = _nearest(path_key, candidates)
-        what = {LAYER: "layer", OUTPUT: "layer", VARIABLE: "variable"}[kind]
-        problems.append(f"plan[{key!r}] matches no {what} path of the model; nearest: {near}")
-    for layer, path in zip(layers, layer_paths):
-        try:
-            plan.style_rule(layer, path)  # raises, naming both entries, on two styles
-        except ShardingError as err:
-            problems.append(str(err))
-    if problems:
-        raise ShardingError(
-            f"Plan entries that do not fit model {model.name!r}:\n  "
-            + "\n  ".join(problems)
-            + "\nFix the keys (regular expressions matched against the whole path; Keras numbers "
-            "generated layer names per session, so a path from another build may differ) or drop them."
-        )
-
-
-def _nearest(pattern, paths, n=3):
-    literal = re.sub(r"\\(.)", r"\1", pattern)
-    literal = re.sub(r"[\^\$\(\)\[\]\{\}\*\+\?\|]|\.\*", "", literal)
-    near = difflib.get_close_matches(literal, paths, n=n, cutoff=0.0)
-    return near
