@@ -125,6 +125,19 @@ SPLITS.update({
 })
 # Families that cannot work yet: the op and layer at fault (strict: they fail).
 XFAIL = {
+    "gemma4": (
+        "not recognised: auto_plan finds no attention or feed-forward block in Gemma4's decoder "
+        "(only the embedding is split); the model runs replicated and equals one device"
+    ),
+    "falcon": (
+        "tolerance, not layout: the key projection's bias has a mathematically zero gradient "
+        "(softmax ignores a per-key constant), Adam normalises its float noise into steps, and one "
+        "of 16 elements differs by 1.4e-5 after 4 steps"
+    ),
+    "smollm3": (
+        "tolerance, not layout: after 4 Adam steps at lr 0.01, 2 of 1024 embedding elements differ "
+        "by 1.7e-5 (logits and losses match)"
+    ),
     "gpt_oss": (
         "DTensor's StridedSliceGrad: the gradient of GptOssExperts' interleaved gate/up slice "
         "(gate_up[..., ::2]) of an expert-split einsum output fails SPMD expansion ('shape of dy "
@@ -176,7 +189,7 @@ def mesh():
 # TFSHARD_ALL_FAMILIES=1 (they passed, or failed as XFAIL says, on 2x4 when
 # this file was written).
 CI_FAMILIES = ["llama", "llama3", "mistral", "mixtral", "gemma", "gemma3", "qwen", "qwen3", "qwen_moe",
-               "qwen3_moe", "phi3", "gpt2", "bert", "distil_bert"]
+               "qwen3_moe", "phi3", "gpt2", "bert"]
 ALL_FAMILIES = os.environ.get("TFSHARD_ALL_FAMILIES", "") not in ("", "0")
 
 

@@ -45,7 +45,11 @@ all-gather launches as an all-reduce. This is exact for tensor-parallel and
 data-parallel plans (tested against DTensor's SPMD dump on tfshard's
 reference transformer and keras-hub Llama); with FSDP or ZeRO-1, DTensor
 fuses data-axis collectives further (all-reduce + slice into
-reduce-scatter), so their launch counts are estimates.
+reduce-scatter), so their launch counts are estimates. Experts over the
+tensor axis are an upper estimate too: on tiny keras-hub QwenMoe and
+Qwen3Moe (2x4) it counts 11 and 9 model-axis launches where DTensor
+launches 7 (and 1 data-axis launch where it launches 2: the routers'
+auxiliary loss); bytes per device matched exactly in every tested model.
 """
 
 from __future__ import annotations
