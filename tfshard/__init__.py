@@ -8,6 +8,8 @@ in submodules:
 * ``tfshard.layout``: specs and logical rules (``KEEP``, ``LogicalRules``,
   ``validate_spec``) and the glossary;
 * ``tfshard.styles``: parallel styles and plans;
+* ``tfshard.auto_plan``: ``AutoPlan`` and ``check_plan`` (``tfshard.auto_plan``
+  itself is the function that makes a plan for a model);
 * ``tfshard.checkpoint``: ``latest_checkpoint``, ``list_checkpoints``,
   ``read_manifest``;
 * ``tfshard.interop``: ``keras.distribution`` on TensorFlow
@@ -56,6 +58,7 @@ from tfshard import training as _training  # noqa: E402
 from tfshard import callbacks  # noqa: E402
 from tfshard.checkpoint import restore_checkpoint, save_checkpoint  # noqa: E402
 from tfshard import interop  # noqa: E402
+from tfshard.auto_plan import auto_plan  # noqa: E402
 
 # Former top-level names, kept importable (see the module docstring).
 from tfshard import comm, multi_client  # noqa: E402,F401
@@ -91,6 +94,7 @@ __all__ = [
     "current_strategy",
     # how layers are split
     "Plan",
+    "auto_plan",
     "styles",
     "layers",
     "losses",

@@ -2,6 +2,7 @@
 
     tfshard train configs/transformer_2x4.yaml [--steps N] [--set key=value ...]
     tfshard inspect configs/transformer_2x4.yaml
+    tfshard inspect --auto configs/transformer_2x4.yaml   # tfshard.auto_plan's plan, explained
     tfshard bench configs/transformer_2x4.yaml [--meshes 1x1,1x8,2x4,8x1] [--jax]
     tfshard bench configs/transformer_2x4.yaml --memory [--zero-stages 0,3]
     tfshard launch --processes 2 --devices-per-process 4 -- tfshard train CONFIG
@@ -62,6 +63,9 @@ def _parser():
                          help="override a config key (repeatable), e.g. --set train.steps=50")
         if name in ("train", "bench"):
             cmd.add_argument("--steps", type=_positive(int), help="shortcut for --set train.steps=N")
+        if name == "inspect":
+            cmd.add_argument("--auto", action="store_true",
+                             help="plan with tfshard.auto_plan and explain it (--set layout.auto=true)")
         if name == "bench":
             cmd.add_argument("--meshes", default="1x1,1x8,2x4,8x1",
                              help="DATAxMODEL mesh shapes to time (default: 1x1,1x8,2x4,8x1)")
@@ -154,6 +158,8 @@ def main(argv=None):
         overrides = list(args.set)
         if getattr(args, "steps", None) is not None:
             overrides.append(f"train.steps={args.steps}")
+        if getattr(args, "auto", False):
+            overrides.append("layout.auto=true")
         return _run(args, config_lib.load(args.config, overrides))
     except (TfshardError, ProcessLostError, OSError) as error:
         return _report(error, debug)

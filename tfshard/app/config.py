@@ -5,7 +5,7 @@ file only states what it changes, and a typo is an error that names the key:
 
     model:  {kind: transformer, d_model: 64, heads: 4, d_ff: 256, layers: 2, seq_len: 64}
     mesh:   {batch: 2, model: 4}
-    layout: {rules: "batch:batch,d_ff:model,heads:model,vocab:model"}
+    layout: {rules: "batch:batch,d_ff:model,heads:model,vocab:model"}   # or: layout: auto
     train:  {steps: 200, batch_size: 32, learning_rate: 3.0e-3}
     output: {dir: runs/transformer_2x4}
 
@@ -67,6 +67,8 @@ SCHEMA = {
                                 "(each device draws the whole tensor, keeps its slice); per_device: "
                                 "DTensor's own per-device streams (fewer draws, other numbers)",
                                 ("global", "per_device")),
+        "auto": Field(bool, False, "choose the plan with tfshard.auto_plan (also: 'layout: auto'), "
+                                   "within layout.rules"),
     },
     "data": {
         "source": Field(str, "auto", "auto, stdlib (Python's own sources) or digits (scikit-learn)",
@@ -134,6 +136,7 @@ def validate(raw, *, origin="config"):
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}.")
     config = defaults()
+    raw = _layout_shorthand(raw)
     for section, values in raw.items():
         if section not in SCHEMA:
             raise ConfigError(
@@ -142,7 +145,8 @@ def validate(raw, *, origin="config"):
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{origin}: section {section!r} must be a mapping, got {values!r}.")
+            also = " or 'auto' (tfshard.auto_plan chooses the plan)" if section == "layout" else ""
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping{also}, got {values!r}.")
         for key, value in values.items():
             if key not in SCHEMA[section]:
                 raise ConfigError(
@@ -152,6 +156,13 @@ def validate(raw, *, origin="config"):
             config[section][key] = _check_value(section, key, value)
     _check_consistency(config, origin)
     return config
+
+
+def _layout_shorthand(raw):
+    """``layout: auto`` is ``layout: {auto: true}``."""
+    if raw.get("layout") == "auto":
+        raw = {**raw, "layout": {"auto": True}}
+    return raw
 
 
 MESH_AXES = ("batch", "model")  # the config's mesh: {"batch": mesh.batch, "model": mesh.model}
@@ -283,6 +294,7 @@ def load(path, overrides=()):
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}."
         )
+    raw = _layout_shorthand(raw)
     for text in overrides:
         (section, key), value = parse_override(text)
         if not isinstance(raw.get(section, {}), dict):

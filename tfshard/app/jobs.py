@@ -71,11 +71,16 @@ def _check_job_devices(config, clients, devices_per_process):
         )
 
 
-def build_strategy(config):
+def build_strategy(config, plan=None):
+    """The config's strategy; with ``layout.auto``, the one ``plan`` (by
+    default :func:`auto_plan`'s) makes."""
     from tfshard.mesh import Mesh
     from tfshard.strategy import StrategyBuilder
 
     mesh = Mesh({"batch": config["mesh"]["batch"], "model": config["mesh"]["model"]})
+    if config["layout"].get("auto"):
+        builder = (plan or auto_plan(config, mesh)).builder(mesh)
+        return builder.random_streams(config["layout"]["random_streams"]).build()
     return (
         StrategyBuilder(mesh)
         .data_parallel("batch")
@@ -84,6 +89,33 @@ def build_strategy(config):
         .random_streams(config["layout"]["random_streams"])
         .build()
     )
+
+
+def auto_plan(config, mesh=None):
+    """``layout: auto``: the plan ``tfshard.auto_plan`` chooses for the
+    config's model, within ``layout.rules``, for one global batch."""
+    import keras
+
+    from tfshard.auto_plan import auto_plan as make_plan
+    from tfshard.mesh import Mesh
+
+    model_cfg, train = config["model"], config["train"]
+    mesh = mesh or Mesh({"batch": config["mesh"]["batch"], "model": config["mesh"]["model"]})
+    inputs = (train["batch_size"], model_cfg["seq_len"]) if model_cfg["kind"] == "transformer" else None
+
+    def build():  # uncompiled: Keras builds it without weights (an optimizer has a valued variable)
+        keras.utils.set_random_seed(train["seed"])
+        if model_cfg["kind"] == "transformer":
+            from tfshard.app.models.transformer import build_transformer as builder
+        else:
+            from tfshard.app.models.cnn import build_cnn as builder
+        return builder(model_cfg)[0]
+
+    slots = {"adam": 2, "adamw": 2, "sgd": 1}[train["optimizer"]]  # (SGD with momentum)
+    plan = make_plan(build, mesh, rules=config["layout"]["rules"], inputs=inputs,
+                     data_axis="batch", tensor_axis="model", optimizer_slots=slots)
+    keras.backend.clear_session()  # the model is built again, with the same layer names
+    return plan
 
 
 def load_data(config):
@@ -357,7 +389,10 @@ def train(config, *, verbose=1):
     )
     directory = checkpoint_dir(config)
 
-    strategy = build_strategy(config)
+    plan = auto_plan(config) if config["layout"].get("auto") else None
+    if plan is not None:
+        print(plan)
+    strategy = build_strategy(config, plan)
     (x, y), (x_eval, y_eval) = load_data(config)
     model = build_model(config, strategy)
     variables = list(model.variables) + list(model.optimizer.variables)
@@ -437,11 +472,16 @@ def inspect(config):
     from tfshard.app.estimate import communication_estimate
     from tfshard.report import variable_table
 
-    strategy = build_strategy(config)
+    plan = auto_plan(config) if config["layout"].get("auto") else None
+    if plan is not None:
+        print(plan.explain())
+        print()
+    strategy = build_strategy(config, plan)
     model = build_model(config, strategy)
     variables = list(model.variables) + list(model.optimizer.variables)
     print(f"mesh {strategy.mesh}, rules {strategy.logical_rules}")
     print(variable_table(variables))
     print()
-    print(communication_estimate(config))
+    if plan is None:
+        print(communication_estimate(config))
     return model
