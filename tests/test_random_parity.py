@@ -41,6 +41,43 @@ LAYERS = {
 }
 
 
+# keras.layers' random augmentation layers (all of Keras 3.15 but
+# RandomElasticTransform, whose traced call on a mesh did not finish in 10
+# minutes), on images of 8 channels (any split) or RGB (3 channels: batch
+# splits only).
+RGB = rng.uniform(0, 255, size=(4, 8, 8, 3)).astype("float32")
+AUGMENTATIONS = {
+    "RandomFlip": lambda: L.RandomFlip(seed=1),
+    "RandomTranslation": lambda: L.RandomTranslation(0.2, 0.2, seed=1),
+    "RandomRotation": lambda: L.RandomRotation(0.2, seed=1),
+    "RandomZoom": lambda: L.RandomZoom(0.2, seed=1),
+    "RandomCrop": lambda: L.RandomCrop(4, 4, seed=1),
+    "RandomShear": lambda: L.RandomShear(0.2, 0.2, seed=1),
+    "RandomPerspective": lambda: L.RandomPerspective(0.5, seed=1),
+    "RandomErasing": lambda: L.RandomErasing(factor=1.0, seed=1),
+    "RandomGaussianBlur": lambda: L.RandomGaussianBlur(factor=1.0, kernel_size=3, seed=1),
+    "RandomInvert": lambda: L.RandomInvert(factor=0.5, seed=1),
+    "RandomPosterization": lambda: L.RandomPosterization(factor=(1, 4), seed=1),
+    "Solarization": lambda: L.Solarization(addition_factor=0.3, threshold_factor=0.5, seed=1),
+    "CutMix": lambda: L.CutMix(seed=1),
+    "MixUp": lambda: L.MixUp(seed=1),
+}
+RGB_AUGMENTATIONS = {
+    "RandomHue": lambda: L.RandomHue(0.3, value_range=(0, 255), seed=1),
+    "RandomSaturation": lambda: L.RandomSaturation(0.3, value_range=(0, 255), seed=1),
+    "RandomGrayscale": lambda: L.RandomGrayscale(factor=0.5, seed=1),
+    "RandomColorDegeneration": lambda: L.RandomColorDegeneration(0.5, value_range=(0, 255), seed=1),
+    "RandomColorJitter": lambda: L.RandomColorJitter(
+        value_range=(0, 255), brightness_factor=0.2, contrast_factor=0.2, saturation_factor=0.2,
+        hue_factor=0.2, seed=1),
+    "RandomSharpness": lambda: L.RandomSharpness(0.5, value_range=(0, 255), seed=1),
+}
+# RandAugment picks its operations with keras.ops.nonzero (a value-dependent
+# shape): a clear error on a mesh; it belongs in the input pipeline. (AugMix
+# also picks by value; whether a draw reaches nonzero depends on the draw.)
+PIPELINE_ONLY = {"RandAugment": lambda: L.RandAugment(value_range=(0, 255), seed=1)}
+
+
 def strategy_for(shape):
     mesh = tfshard.Mesh({"batch": shape[0], "model": shape[1]})
     return tfshard.StrategyBuilder(mesh).data_parallel("batch").tensor_parallel("model").build()
@@ -131,3 +168,40 @@ def test_attention_dropout_draws_one_device_numbers():
     assert tfshard.layout_of(layer.query_dense.kernel) == (None, "model", None)
     got = traced_on_mesh(strategy, lambda t: layer(t, t, training=True), x, ("batch", None, None))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _check_augmentation(make, x, layout):
+    expected = np.asarray(make()(x, training=True))
+    shape, split = layout
+    strategy = strategy_for(shape)
+    with strategy.scope():
+        layer = make()
+    got = traced_on_mesh(strategy, lambda t: layer(t, training=True), x, full_spec(x.ndim, split))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)  # pixel values up to 255
+    assert not np.allclose(got, x[:, : got.shape[1], : got.shape[2]])  # it did draw
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_augmentation_layer_draws_one_device_numbers(name, layout):
+    _check_augmentation(AUGMENTATIONS[name], IMAGES, layout)
+
+
+@pytest.mark.parametrize("name", sorted(RGB_AUGMENTATIONS))
+def test_color_augmentation_layer_draws_one_device_numbers(name):
+    _check_augmentation(RGB_AUGMENTATIONS[name], RGB, LAYOUTS[0])  # RGB: split the batch
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINE_ONLY))
+def test_augmentation_choosing_ops_by_value_is_a_clear_error_on_a_mesh(name):
+    strategy = strategy_for((2, 4))
+    with strategy.scope():
+        layer = PIPELINE_ONLY[name]()
+
+    @tf.function(autograph=False)  # as Keras traces its steps
+    def run(x):
+        with strategy.scope():
+            return layer(x, training=True)
+
+    with pytest.raises(tfshard.errors.UnsupportedFeatureError, match="nonzero.*input pipeline"):
+        run(strategy.place(RGB, ("batch", None, None, None)))

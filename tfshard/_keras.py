@@ -449,6 +449,18 @@ TRAINER_PATCHES = (
     ),
 )
 
+def layer_method_patches(purposes):
+    """Patches for ``{(class path, method name): purpose}``: the method
+    calls ``hooks.backend_ops[(class path, method name)]`` as
+    ``replacement(original, self, *args, **kwargs)`` when one is registered
+    (the same mechanism as :func:`backend_op_patches`, for the few layer
+    methods whose own code, not a backend function, DTensor cannot expand)."""
+    return tuple(
+        Patch(owner, name, _backend_op((owner, name)), purpose)
+        for (owner, name), purpose in purposes.items()
+    )
+
+
 # Keras TensorFlow-backend functions that tfshard replaces on a mesh.
 # Keras's op layer (``keras.ops``), its layers and keras-hub reach the
 # backend through these module attributes, looked up at call time, so one

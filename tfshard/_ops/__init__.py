@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from tfshard import _dtensor, _keras
 from tfshard._ops.control import map_fn, nonzero, switch, where
-from tfshard._ops.draws import dropout, random_draw
+from tfshard._ops.draws import dropout, random_crop_images, random_draw
 from tfshard._ops.gradients import one_hot, segment_sum, top_k
 from tfshard._ops.pooling import average_pool, max_pool
 from tfshard._ops.whole import WHOLE_INPUT_OPS, divide, whole_inputs
@@ -82,9 +82,21 @@ def replacements():
     return out
 
 
+# Keras layer methods whose own code DTensor cannot expand on a mesh.
+LAYER_METHODS = {
+    ("keras.src.layers.preprocessing.image_preprocessing.random_crop:RandomCrop",
+     "transform_images"): (
+        random_crop_images,
+        "a crop at random offsets is a slice with run-time bounds, which DTensor cannot "
+        "expand: rows and columns are gathered instead"),
+}
+
+
 def install():
     _dtensor.expand_replicated(REPLICATED_OP_TYPES)
     table = replacements()
-    for key, (replacement, _) in table.items():
+    for key, (replacement, _) in {**table, **LAYER_METHODS}.items():
         _keras.hooks.backend_ops[key] = replacement
     _keras.install(_keras.backend_op_patches({key: purpose for key, (_, purpose) in table.items()}))
+    _keras.install(_keras.layer_method_patches(
+        {key: purpose for key, (_, purpose) in LAYER_METHODS.items()}))

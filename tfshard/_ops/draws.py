@@ -16,7 +16,7 @@ import tensorflow as tf
 from keras import tree
 
 from tfshard import _dtensor
-from tfshard._ops._common import on_mesh, replicated
+from tfshard._ops._common import on_mesh, replicated, whole
 
 def _draws_globally(strategy):
     return strategy.random_streams == "global"
@@ -65,3 +65,28 @@ def dropout(original, inputs, rate, noise_shape=None, seed=None):
     ):
         mask = _dtensor.relayout_like(mask, inputs)
     return inputs * mask
+
+
+def random_crop_images(original, layer, images, transformation, training=True):
+    """``keras.layers.RandomCrop`` on a mesh: the crop at the random offsets
+    (drawn as one device draws them) taken as gathers of ``height`` rows and
+    ``width`` columns (a slice at run-time offsets has no DTensor expansion).
+    The images are laid out whole but for the batch; the values equal the
+    slice's."""
+    strategy = on_mesh(images)
+    offsets = transformation if isinstance(transformation, (tuple, list)) else ()
+    if (
+        strategy is None
+        or tf.executing_eagerly()
+        or not training
+        or len(offsets) != 2
+        or all(isinstance(o, int) for o in offsets)
+    ):
+        return original(layer, images, transformation, training=training)
+    images = tf.cast(images, layer.compute_dtype)
+    rank = images.shape.rank
+    images = whole(strategy, images, rank == 4)
+    rows_axis, cols_axis = layer.height_axis % rank, layer.width_axis % rank
+    for axis, start, size in ((rows_axis, offsets[0], layer.height), (cols_axis, offsets[1], layer.width)):
+        images = tf.gather(images, tf.cast(start, "int32") + tf.range(size), axis=axis)
+    return images
