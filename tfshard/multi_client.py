@@ -15,7 +15,7 @@ process-0-only side effects around it.
 ``tfshard launch --processes 2 --devices-per-process 4 -- python train.py``
 starts the processes on one machine with the environment set; on a cluster,
 start one process per host with the same ``DTENSOR_JOBS`` list and each its
-own ``DTENSOR_CLIENT_ID`` (see the README).
+own ``DTENSOR_CLIENT_ID`` (see docs/multi-process.md).
 
 What every process must do the same way
     Run the same code, in the same order: build the same models, call

@@ -17,7 +17,7 @@ children are stopped with it. On Ctrl-C or SIGTERM the launcher stops every
 process the same way. Nothing is left running when it returns.
 
 On a cluster, do not use the launcher: start one process per host yourself
-(or with your scheduler) with the same variables; see the README.
+(or with your scheduler) with the same variables; see docs/multi-process.md.
 """
 
 from __future__ import annotations
