@@ -3,6 +3,7 @@
     tfshard train configs/transformer_2x4.yaml [--steps N] [--set key=value ...]
     tfshard inspect configs/transformer_2x4.yaml
     tfshard bench configs/transformer_2x4.yaml [--meshes 1x1,1x8,2x4,8x1] [--jax]
+    tfshard bench --llama [--small] [--meshes 2x4] [--breakdown]
     tfshard launch --processes 2 --devices-per-process 4 -- tfshard train CONFIG
 
 On a machine without accelerators the mesh runs on virtual CPU devices
@@ -13,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+
+_DEFAULT_MESHES = "1x1,1x8,2x4,8x1"
 
 
 def _positive(kind):
@@ -49,13 +53,14 @@ def _parser():
     ):
         cmd = sub.add_parser(name, help=text, description=text)
         _add_debug(cmd, argparse.SUPPRESS)
-        cmd.add_argument("config", help="a YAML file, e.g. configs/transformer_2x4.yaml")
+        cmd.add_argument("config", nargs="?" if name == "bench" else None,
+                         help="a YAML file, e.g. configs/transformer_2x4.yaml")
         cmd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override a config key (repeatable), e.g. --set train.steps=50")
         if name in ("train", "bench"):
             cmd.add_argument("--steps", type=_positive(int), help="shortcut for --set train.steps=N")
         if name == "bench":
-            cmd.add_argument("--meshes", default="1x1,1x8,2x4,8x1",
+            cmd.add_argument("--meshes", default=_DEFAULT_MESHES,
                              help="DATAxMODEL mesh shapes to time (default: 1x1,1x8,2x4,8x1)")
             cmd.add_argument("--rounds", type=_positive(int), default=2,
                              help="interleaved timing rounds; the best of each run is shown")
@@ -64,6 +69,15 @@ def _parser():
             cmd.add_argument("--no-collectives", action="store_true",
                              help="skip counting collectives (saves one compile per mesh)")
             cmd.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+            cmd.add_argument("--llama", action="store_true",
+                             help="bench keras-hub's Llama (no config): TF on one device, tfshard "
+                                  "(--meshes, default 2x4) and Keras-JAX ModelParallel 2x4, "
+                                  "interleaved; --set KEY=INT changes the case (e.g. hidden_dim=128)")
+            cmd.add_argument("--small", action="store_true",
+                             help="with --llama: a small Llama for a quick check")
+            cmd.add_argument("--breakdown", action="store_true",
+                             help="profile one step of a 2x4 run (the config, or --llama) and "
+                                  "print where its time goes instead of timing")
     _add_launch(sub)
     return parser
 
@@ -134,6 +148,8 @@ def main(argv=None):
             return _launch(args)
         from tfshard.app import config as config_lib
 
+        if args.command == "bench" and (args.llama or args.config is None):
+            return _bench_llama(args)
         overrides = list(args.set)
         if getattr(args, "steps", None) is not None:
             overrides.append(f"train.steps={args.steps}")
@@ -158,6 +174,32 @@ def _run(args, config):
         jobs.inspect(config)
     else:
         return _bench(args, config)
+    return 0
+
+
+def _bench_llama(args):
+    import json
+
+    from tfshard.app import bench, bench_llama
+    from tfshard.app.config import ConfigError
+    from tfshard.mesh import use_virtual_devices
+
+    if not args.llama:
+        raise ConfigError("tfshard bench: give a config (e.g. configs/transformer_2x4.yaml) or --llama.")
+    config = bench_llama.case_config("small" if args.small else "full", args.set)
+    meshes = bench.parse_meshes(args.meshes if args.meshes != _DEFAULT_MESHES else "2x4")
+    use_virtual_devices(max(8, *(a * b for a, b in meshes)))  # before TensorFlow starts
+    if args.breakdown:
+        from tfshard.app import breakdown
+
+        results = breakdown.breakdown_llama(config, meshes[0], steps=args.steps or 5)
+    else:
+        results = bench_llama.bench_llama(
+            config, meshes=meshes, jax_meshes=[(2, 4)],
+            steps=args.steps or 5, rounds=args.rounds)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
     return 0
 
 
