@@ -406,6 +406,8 @@ BACKEND_OPS = (
     ("nn", "average_pool", "pooling on split channels (DTensor expands batch splits only)"),
     ("nn", "one_hot", "OneHot cannot expand an output split on a dim it inherits"),
     ("math", "top_k", "TopKV2's gradient scatters global indices into a local shard"),
+    ("nn", "sparse_categorical_crossentropy",
+     "logits split by class: Megatron's vocab-parallel cross-entropy, never a gather of the logits"),
     ("random", "normal", _RANDOM),
     ("random", "uniform", _RANDOM),
     ("random", "truncated_normal", _RANDOM),

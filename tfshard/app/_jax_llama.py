@@ -66,10 +66,12 @@ def main():
     class Timer(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
             self.times = [time.perf_counter()]
+            self.cpu = [time.process_time()]
             self.losses = []
 
         def on_train_batch_end(self, batch, logs=None):
             self.times.append(time.perf_counter())
+            self.cpu.append(time.process_time())
             self.losses.append(float(logs["loss"]))
 
     answer({"ready": True, "per_device_weight_bytes": int(per_device)})
@@ -91,6 +93,7 @@ def main():
             for s in model.optimizer.variables
         )
         answer({"times": np.diff(timer.times).tolist(), "losses": timer.losses,
+                "cpu": np.diff(timer.cpu).tolist(),
                 "per_device_bytes": int(per_device + slots)})
 
 

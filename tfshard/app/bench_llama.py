@@ -13,7 +13,9 @@ initial weights and batches, trained with Adam by ``model.fit`` on:
 Each round runs ``steps`` batches on every stack in turn (A, B, C, A, B, C,
 ...), so a slow spell of the shared machine hits all of them alike. A run's
 ms/step is the median over rounds of its steady steps (a fit call's first
-step is left out). The losses of every run are compared step by step: the
+step is left out). Each run's process CPU time per step (all its threads)
+is reported too: on a machine shared with other jobs it moves less than
+wall time, and it is the work a stack spends on a step. The losses of every run are compared step by step: the
 three stacks must compute the same training run.
 """
 
@@ -115,10 +117,12 @@ class _Timer:
         class Timer(keras.callbacks.Callback):
             def on_train_begin(self, logs=None):
                 self.times = [time.perf_counter()]
+                self.cpu = [time.process_time()]
                 self.losses = []
 
             def on_train_batch_end(self, batch, logs=None):
                 self.times.append(time.perf_counter())
+                self.cpu.append(time.process_time())
                 self.losses.append(float(logs["loss"]))
 
         return Timer()
@@ -139,7 +143,7 @@ class _TensorFlowRun:
         self.model.fit({k: v[part] for k, v in self.x.items()}, self.y[part],
                        batch_size=self.batch, epochs=1, shuffle=False, verbose=0,
                        callbacks=[timer])
-        return np.diff(timer.times).tolist(), timer.losses
+        return np.diff(timer.times).tolist(), timer.losses, np.diff(timer.cpu).tolist()
 
     def per_device_bytes(self):
         from tfshard.report import per_device_bytes
@@ -190,7 +194,7 @@ class _JaxRun:
         self.proc.stdin.flush()
         reply = self._read()
         self.bytes = reply["per_device_bytes"]
-        return reply["times"], reply["losses"]
+        return reply["times"], reply["losses"], reply["cpu"]
 
     def per_device_bytes(self):
         return self.bytes
@@ -241,14 +245,15 @@ def bench_llama(config, *, meshes=((2, 4),), jax_meshes=((2, 4),), steps=5, roun
             runs["jax ModelParallel %dx%d" % tuple(shape)] = _JaxRun(
                 config, tuple(shape), weights, x, y, workdir.name
             )
-        samples = {name: {"times": [], "losses": [], "round_ms": []} for name in runs}
+        samples = {name: {"times": [], "cpu": [], "losses": [], "round_ms": []} for name in runs}
         for _ in range(rounds):
             for name, run in runs.items():
                 begin = time.perf_counter()
-                times, losses = run.fit(steps)
+                times, losses, cpu = run.fit(steps)
                 record = samples[name]
                 record.setdefault("first_fit_s", time.perf_counter() - begin)
                 record["times"].extend(times[1:])
+                record["cpu"].extend(cpu[1:])
                 record["round_ms"].append(1000 * float(np.median(times[1:])))
                 record["losses"].extend(losses)
         results = {}
@@ -256,6 +261,7 @@ def bench_llama(config, *, meshes=((2, 4),), jax_meshes=((2, 4),), steps=5, roun
             record = samples[name]
             results[name] = {
                 "ms_per_step": 1000 * float(np.median(record["times"])),
+                "cpu_ms_per_step": 1000 * float(np.median(record["cpu"])),
                 "round_ms": record["round_ms"],
                 "losses": record["losses"],
                 "per_device_bytes": run.per_device_bytes(),
@@ -274,28 +280,33 @@ def _report(config, results, steps, rounds, out):
     diff = 0.0
     for r in results.values():
         diff = max(diff, float(np.max(np.abs(np.asarray(r["losses"]) - reference) / np.abs(reference))))
-    ratios = {}
+    ratios, cpu_ratios = {}, {}
     for name, r in results.items():
         if name.startswith("tfshard"):
             mesh = name.split()[-1]
             ratios[f"{name} / {PLAIN}"] = r["ms_per_step"] / base["ms_per_step"]
+            cpu_ratios[f"{name} / {PLAIN}"] = r["cpu_ms_per_step"] / base["cpu_ms_per_step"]
             jax = results.get(f"jax ModelParallel {mesh}")
             if jax is not None:
                 ratios[f"{name} / jax ModelParallel {mesh}"] = r["ms_per_step"] / jax["ms_per_step"]
+                cpu_ratios[f"{name} / jax ModelParallel {mesh}"] = (
+                    r["cpu_ms_per_step"] / jax["cpu_ms_per_step"])
     tokens = config["batch_size"] * config["seq_len"]
     out(f"keras-hub Llama ({', '.join(f'{k}={v}' for k, v in config.items())}), Adam, model.fit; "
         f"{steps} steps x {rounds} interleaved rounds, median of steady steps")
-    header = f"{'run':<26}{'ms/step':>9}{'tokens/s':>10}{'rounds (ms)':>26}{'MiB/device':>12}"
+    header = (f"{'run':<26}{'ms/step':>9}{'CPU ms/step':>12}{'tokens/s':>10}{'rounds (ms)':>26}"
+              f"{'MiB/device':>12}")
     out(header)
     out("-" * len(header))
     for name, r in results.items():
         rounds_text = " ".join(f"{t:.0f}" for t in r["round_ms"])
         mib = "-" if r["per_device_bytes"] is None else f"{r['per_device_bytes'] / 2**20:.2f}"
-        out(f"{name:<26}{r['ms_per_step']:>9.1f}{tokens * 1000 / r['ms_per_step']:>10.0f}"
+        out(f"{name:<26}{r['ms_per_step']:>9.1f}{r['cpu_ms_per_step']:>12.1f}"
+            f"{tokens * 1000 / r['ms_per_step']:>10.0f}"
             f"{rounds_text:>26}{mib:>12}")
     for name, ratio in ratios.items():
-        out(f"  {name}: {ratio:.2f}x")
+        out(f"  {name}: {ratio:.2f}x wall, {cpu_ratios[name]:.2f}x CPU time")
     out(f"  losses agree across runs: max relative difference {diff:.1e} "
         f"over {len(reference)} steps")
     return {"case": "keras-hub llama", "config": config, "steps": steps, "rounds": rounds,
-            "runs": results, "ratios": ratios, "loss_max_rel_diff": diff}
+            "runs": results, "ratios": ratios, "cpu_ratios": cpu_ratios, "loss_max_rel_diff": diff}
