@@ -296,3 +296,27 @@ def test_llama_case_settings_are_checked():
         bench_llama.case_config("small", ["hidden=128"])
     with pytest.raises(config_lib.ConfigError, match="unknown case"):
         bench_llama.case_config("huge")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("keras_hub") is None, reason="keras-hub is not installed")
+def test_llama_breakdown_reads_the_profile():
+    """``bench --llama --breakdown`` at tiny settings: the profile yields
+    per-device op counts by kind on both runs; the sharded step runs ops
+    DTensor inserted and collectives; tfshard's host timers are removed."""
+    from tfshard import training
+    from tfshard.app import bench_llama, breakdown
+
+    call = training._Step.__call__
+    results = breakdown.breakdown_llama(bench_llama.case_config("tiny"), (2, 4), steps=3,
+                                        out=lambda *_: None)
+    assert training._Step.__call__ is call
+    plain, sharded = results["runs"]["tf 1 device"], results["runs"]["tfshard 2x4"]
+    for run in (plain, sharded):
+        assert run["profile"]["ops_per_device_step"] > 50, run["profile"]
+        assert run["profile"]["by_kind"]["matmuls/einsums"]["ops"] > 0
+    kinds = sharded["profile"]["by_kind"]
+    assert kinds["inserted by DTensor (relayouts, gathers, slices)"]["ops"] > 0, kinds
+    assert kinds["collectives (launch)"]["ops"] > 0, kinds
+    assert "collectives (launch)" not in plain["profile"]["by_kind"]
+    assert set(sharded["host_ms_per_step"]) >= {"batch packing (shard_batch)", "compiled step call, until done"}
+    assert sharded["graph"]["layout_ops"].get("Relayout", 0) > 0

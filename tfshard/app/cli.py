@@ -76,8 +76,8 @@ def _parser():
             cmd.add_argument("--small", action="store_true",
                              help="with --llama: a small Llama for a quick check")
             cmd.add_argument("--breakdown", action="store_true",
-                             help="profile one step of a 2x4 run (the config, or --llama) and "
-                                  "print where its time goes instead of timing")
+                             help="with --llama: profile steps on one device and on the first "
+                                  "of --meshes (default 2x4) and print where the time goes")
     _add_launch(sub)
     return parser
 
@@ -150,6 +150,10 @@ def main(argv=None):
 
         if args.command == "bench" and (args.llama or args.config is None):
             return _bench_llama(args)
+        if args.command == "bench" and (args.breakdown or args.small):
+            raise config_lib.ConfigError(
+                "tfshard bench: --breakdown and --small go with --llama (keras-hub's Llama), "
+                f"not with a config ({args.config}).")
         overrides = list(args.set)
         if getattr(args, "steps", None) is not None:
             overrides.append(f"train.steps={args.steps}")
