@@ -279,3 +279,68 @@ def test_jax_reference_is_the_same_model():
     # the optimizer's scalar counters.
     assert abs(reference["per_device_bytes"] - ours) <= 64, (reference, ours)
     assert np.isfinite(reference["ms_per_step"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("keras_hub") is None, reason="keras-hub is not installed")
+def test_llama_case_runs_three_stacks_on_the_same_training_run(tmp_path):
+    """``tfshard bench --llama`` at tiny settings: TF on one device, tfshard
+    2x4 and (with JAX) Keras-JAX ModelParallel 2x4 train the same model from
+    the same weights on the same batches, so every step's loss agrees; the
+    JSON holds each run's times, losses and bytes, and the ratios."""
+    import json
+
+    from tfshard.app import bench_llama
+
+    config = bench_llama.case_config("tiny")
+    has_jax = importlib.util.find_spec("jax") is not None
+    results = bench_llama.bench_llama(config, meshes=[(2, 4)], jax_meshes=[(2, 4)] if has_jax else [],
+                                      steps=3, rounds=2, out=lambda *_: None)
+    results = json.loads(json.dumps(results))  # what --json writes
+    names = ["tf 1 device", "tfshard 2x4"] + (["jax ModelParallel 2x4"] if has_jax else [])
+    assert sorted(results["runs"]) == sorted(names)
+    for name in names:
+        run = results["runs"][name]
+        assert len(run["losses"]) == 6 and len(run["round_ms"]) == 2, run
+        assert run["ms_per_step"] > 0 and run["cpu_ms_per_step"] > 0 and run["per_device_bytes"] > 0
+        np.testing.assert_allclose(run["losses"], results["runs"]["tf 1 device"]["losses"], rtol=1e-4)
+    assert results["loss_max_rel_diff"] < 1e-4
+    assert results["runs"]["tfshard 2x4"]["per_device_bytes"] < results["runs"]["tf 1 device"]["per_device_bytes"]
+    expected = {"tfshard 2x4 / tf 1 device"} | ({"tfshard 2x4 / jax ModelParallel 2x4"} if has_jax else set())
+    assert set(results["ratios"]) == set(results["cpu_ratios"]) == expected
+    if has_jax:  # the same split of the same weights (Adam's slots differ: JAX's are counted too)
+        jax, ours = results["runs"]["jax ModelParallel 2x4"], results["runs"]["tfshard 2x4"]
+        assert abs(jax["per_device_bytes"] - ours["per_device_bytes"]) <= 64, (jax, ours)
+
+
+def test_llama_case_settings_are_checked():
+    from tfshard.app import bench_llama
+
+    assert bench_llama.case_config("small", ["hidden_dim=128"])["hidden_dim"] == 128
+    with pytest.raises(config_lib.ConfigError, match="KEY=INT"):
+        bench_llama.case_config("small", ["hidden=128"])
+    with pytest.raises(config_lib.ConfigError, match="unknown case"):
+        bench_llama.case_config("huge")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("keras_hub") is None, reason="keras-hub is not installed")
+def test_llama_breakdown_reads_the_profile():
+    """``bench --llama --breakdown`` at tiny settings: the profile yields
+    per-device op counts by kind on both runs; the sharded step runs ops
+    DTensor inserted and collectives; tfshard's host timers are removed."""
+    from tfshard import training
+    from tfshard.app import bench_llama, breakdown
+
+    call = training._Step.__call__
+    results = breakdown.breakdown_llama(bench_llama.case_config("tiny"), (2, 4), steps=3,
+                                        out=lambda *_: None)
+    assert training._Step.__call__ is call
+    plain, sharded = results["runs"]["tf 1 device"], results["runs"]["tfshard 2x4"]
+    for run in (plain, sharded):
+        assert run["profile"]["ops_per_device_step"] > 50, run["profile"]
+        assert run["profile"]["by_kind"]["matmuls/einsums"]["ops"] > 0
+    kinds = sharded["profile"]["by_kind"]
+    assert kinds["inserted by DTensor (relayouts, gathers, slices)"]["ops"] > 0, kinds
+    assert kinds["collectives (launch)"]["ops"] > 0, kinds
+    assert "collectives (launch)" not in plain["profile"]["by_kind"]
+    assert set(sharded["host_ms_per_step"]) >= {"batch packing (shard_batch)", "compiled step call, until done"}
+    assert sharded["graph"]["layout_ops"].get("Relayout", 0) > 0

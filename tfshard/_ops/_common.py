@@ -51,3 +51,8 @@ def whole(strategy, x, keep_batch):
         return x
     first = KEEP if keep_batch else None
     return strategy.place(x, (first,) + (None,) * (rank - 1))
+
+
+def channel_split_possible(strategy):
+    """A mesh with devices beyond the data axis can split a channel dim."""
+    return strategy.mesh.size > strategy.data_parallel_size

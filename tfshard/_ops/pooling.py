@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfshard._ops._common import on_mesh
+from tfshard._ops._common import channel_split_possible, on_mesh
 
 def _as_tuple(value, rank):
     if isinstance(value, int):
@@ -76,14 +76,9 @@ def _window_views(x, pool, stride, plans, *, fill):
     return views
 
 
-def _channel_split_possible(strategy):
-    """A mesh with devices beyond the data axis can split a channel dim."""
-    return strategy.mesh.size > strategy.data_parallel_size
-
-
 def _pool(original, inputs, pool_size, strides, padding, data_format, *, reduce):
     strategy = on_mesh(inputs)
-    if strategy is None or not _channel_split_possible(strategy):
+    if strategy is None or not channel_split_possible(strategy):
         return original(inputs, pool_size, strides, padding, data_format)
     x = tf.convert_to_tensor(inputs)
     rank = x.shape.rank - 2

@@ -86,8 +86,8 @@ def random_cost(config, *, rate, steps, rounds=2, elements=True, out=print):
     for _ in range(rounds):
         samples[plain].append(time_training(variants[f"dropout {rate}, global draws"], None,
                                             steps=steps)["ms_per_step"])
-        for name, variant in variants.items():
-            samples[name].append(time_training(variant, shape, steps=steps)["ms_per_step"])
+        for name, settings in variants.items():
+            samples[name].append(time_training(settings, shape, steps=steps)["ms_per_step"])
     runs = {name: min(values) for name, values in samples.items()}
     drawn = measure_random_elements(variants, shape[0] * shape[1]) if elements else {}
 

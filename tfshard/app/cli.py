@@ -5,6 +5,7 @@
     tfshard inspect --auto configs/transformer_2x4.yaml   # tfshard.auto_plan's plan, explained
     tfshard bench configs/transformer_2x4.yaml [--meshes 1x1,1x8,2x4,8x1] [--jax]
     tfshard bench configs/transformer_2x4.yaml --memory [--zero-stages 0,3]
+    tfshard bench --llama [--small] [--meshes 2x4] [--breakdown]
     tfshard launch --processes 2 --devices-per-process 4 -- tfshard train CONFIG
 
 On a machine without accelerators the mesh runs on virtual CPU devices
@@ -21,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+
+_DEFAULT_MESHES = "1x1,1x8,2x4,8x1"
 
 
 def _positive(kind):
@@ -58,7 +62,8 @@ def _parser():
     ):
         cmd = sub.add_parser(name, help=text, description=text)
         _add_debug(cmd, argparse.SUPPRESS)
-        cmd.add_argument("config", help="a YAML file, e.g. configs/transformer_2x4.yaml")
+        cmd.add_argument("config", nargs="?" if name == "bench" else None,
+                         help="a YAML file, e.g. configs/transformer_2x4.yaml")
         cmd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                          help="override a config key (repeatable), e.g. --set train.steps=50")
         if name in ("train", "bench"):
@@ -67,7 +72,7 @@ def _parser():
             cmd.add_argument("--auto", action="store_true",
                              help="plan with tfshard.auto_plan and explain it (--set layout.auto=true)")
         if name == "bench":
-            cmd.add_argument("--meshes", default="1x1,1x8,2x4,8x1",
+            cmd.add_argument("--meshes", default=_DEFAULT_MESHES,
                              help="DATAxMODEL mesh shapes to time (default: 1x1,1x8,2x4,8x1)")
             cmd.add_argument("--rounds", type=_positive(int), default=2,
                              help="interleaved timing rounds; the best of each run is shown")
@@ -85,6 +90,15 @@ def _parser():
                                   "(parameters, gradients, optimizer, activations) instead of timing")
             cmd.add_argument("--zero-stages", default="0", metavar="STAGES",
                              help="with --memory: ZeRO stages to show per mesh, e.g. 0,3 (default 0)")
+            cmd.add_argument("--llama", action="store_true",
+                             help="bench keras-hub's Llama (no config): TF on one device, tfshard "
+                                  "(--meshes, default 2x4) and Keras-JAX ModelParallel 2x4, "
+                                  "interleaved; --set KEY=INT changes the case (e.g. hidden_dim=128)")
+            cmd.add_argument("--small", action="store_true",
+                             help="with --llama: a small Llama for a quick check")
+            cmd.add_argument("--breakdown", action="store_true",
+                             help="with --llama: profile steps on one device and on the first "
+                                  "of --meshes (default 2x4) and print where the time goes")
     _add_launch(sub)
     return parser
 
@@ -155,6 +169,12 @@ def main(argv=None):
             return _launch(args)
         from tfshard.app import config as config_lib
 
+        if args.command == "bench" and (args.llama or args.config is None):
+            return _bench_llama(args)
+        if args.command == "bench" and (args.breakdown or args.small):
+            raise config_lib.ConfigError(
+                "tfshard bench: --breakdown and --small go with --llama (keras-hub's Llama), "
+                f"not with a config ({args.config}).")
         overrides = list(args.set)
         if getattr(args, "steps", None) is not None:
             overrides.append(f"train.steps={args.steps}")
@@ -198,6 +218,32 @@ def _zero_stages(text):
             f"--zero-stages {text!r}: give ZeRO stages from 0 (none) to 3, comma-separated, e.g. 0,3."
         )
     return stages
+
+
+def _bench_llama(args):
+    import json
+
+    from tfshard.app import bench, bench_llama
+    from tfshard.app.config import ConfigError
+    from tfshard.mesh import use_virtual_devices
+
+    if not args.llama:
+        raise ConfigError("tfshard bench: give a config (e.g. configs/transformer_2x4.yaml) or --llama.")
+    config = bench_llama.case_config("small" if args.small else "full", args.set)
+    meshes = bench.parse_meshes(args.meshes if args.meshes != _DEFAULT_MESHES else "2x4")
+    use_virtual_devices(max(8, *(a * b for a, b in meshes)))  # before TensorFlow starts
+    if args.breakdown:
+        from tfshard.app import breakdown
+
+        results = breakdown.breakdown_llama(config, meshes[0], steps=args.steps or 5)
+    else:
+        results = bench_llama.bench_llama(
+            config, meshes=meshes, jax_meshes=[(2, 4)],
+            steps=args.steps or 5, rounds=args.rounds)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
 
 
 def _bench(args, config):
