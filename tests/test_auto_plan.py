@@ -20,14 +20,15 @@ keras-hub's families are in ``test_keras_hub_families.py``.
 import keras
 import numpy as np
 import pytest
-import tfshard
 from keras import layers, ops
+from test_fit_common import assert_history_close, assert_weights_close
+
+import tfshard
 from tfshard import comm
 from tfshard.auto_plan import AutoPlan, auto_plan, check_plan
+from tfshard.plans import Plan
 from tfshard.report import per_device_bytes
-from tfshard.styles import ColumnParallel, HeadParallel, Plan, Replicate, RowParallel
-
-from test_fit_common import assert_history_close, assert_weights_close
+from tfshard.styles import ColumnParallel, HeadParallel, Replicate, RowParallel
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 REFERENCE = dict(d_model=32, heads=8, d_ff=64, layers=2, seq_len=16)

@@ -1,11 +1,11 @@
 import keras
 import numpy as np
 import pytest
+from conftest import make_strategy
+
 import tfshard
 from tfshard.layout import LogicalRules, validate_spec
-from tfshard.styles import Plan
-
-from conftest import make_strategy
+from tfshard.plans import Plan
 
 
 @pytest.fixture(scope="module")

@@ -118,35 +118,3 @@ def test_from_logits_false_is_refused_and_config_round_trips():
     clone = VocabParallelSparseCategoricalCrossentropy.from_config(loss.get_config())
     assert (clone.ignore_class, clone.reduction, clone.name) == (0, "sum", "lm")
     assert isinstance(keras.losses.deserialize(keras.losses.serialize(loss)), type(loss))
-
-
-@pytest.mark.parametrize("config, weighted", CASES)
-def test_stock_keras_loss_on_a_mesh_is_vocab_parallel(config, weighted, data):
-    """keras.losses.SparseCategoricalCrossentropy(from_logits=True), as
-    keras-hub's CausalLMs compile it, in a traced step on a mesh that splits
-    the classes: the same values and gradients as Keras on one device, with
-    no SparseSoftmaxCrossEntropyWithLogits (whose expander gathers the
-    logits) in the step, and the gradient still split by vocabulary."""
-    logits, labels, weights = data
-    weights = weights if weighted else None
-    expected, expected_grad = reference(logits, labels, weights, config)
-    strategy = make_strategy(2, 4)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, **config)
-    split = strategy.place(logits, ("batch", None, "model"))
-    extra = {} if weights is None else {"sample_weight": strategy.place(weights, ("batch", None))}
-
-    @tf.function(autograph=False)
-    def value_and_grad(logits, labels, extra):
-        with tf.GradientTape() as tape:
-            tape.watch(logits)
-            value = loss(labels, logits, **extra)
-        return value, tape.gradient(value, logits)
-
-    with strategy.scope():
-        args = (split, strategy.place(labels, ("batch", None)), extra)
-        graph = value_and_grad.get_concrete_function(*args).graph
-        value, grad = value_and_grad(*args)
-    assert "SparseSoftmaxCrossEntropyWithLogits" not in {op.type for op in graph.get_operations()}
-    np.testing.assert_allclose(tfshard.to_numpy(value), expected, **TOL)
-    assert tfshard.layout_of(grad) == ("batch", None, "model")
-    np.testing.assert_allclose(tfshard.to_numpy(grad), expected_grad, **TOL)

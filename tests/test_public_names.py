@@ -38,7 +38,7 @@ def test_newcomer_names_are_public():
                  "layers", "losses", "spec_of", "local_shape", "to_numpy", "save_checkpoint",
                  "restore_checkpoint", "initialize_multi_client", "TfshardError", "current_strategy"):
         assert name in tfshard.__all__, name
-    assert tfshard.Plan is tfshard.styles.Plan
+    assert tfshard.Plan is tfshard.plans.Plan
 
 
 def test_former_top_level_names_still_import():

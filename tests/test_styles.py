@@ -7,20 +7,20 @@ import json
 import keras
 import numpy as np
 import pytest
-import tfshard
 import yaml
+from conftest import SHARDED_MESH_SHAPES, mesh_id
+from parity import check_parity, strategy_for
+
+import tfshard
+from tfshard.plans import Plan
 from tfshard.styles import (
     ColumnParallel,
     HeadParallel,
     HiddenParallel,
-    Plan,
     Replicate,
     RowParallel,
     VocabParallel,
 )
-
-from conftest import SHARDED_MESH_SHAPES, mesh_id
-from parity import check_parity, strategy_for
 
 rng = np.random.RandomState(0)
 X = rng.randn(8, 6, 16).astype("float32")

@@ -7,7 +7,7 @@ in submodules:
   ``StrategyError``, ``CheckpointError`` ...; all are ``TfshardError``);
 * ``tfshard.layout``: specs and logical rules (``KEEP``, ``LogicalRules``,
   ``validate_spec``) and the glossary;
-* ``tfshard.styles``: parallel styles and plans;
+* ``tfshard.styles``: parallel styles; ``tfshard.plans``: plans;
 * ``tfshard.auto_plan``: ``AutoPlan`` and ``check_plan`` (``tfshard.auto_plan``
   itself is the function that makes a plan for a model);
 * ``tfshard.checkpoint``: ``latest_checkpoint``, ``list_checkpoints``,
@@ -48,7 +48,8 @@ from tfshard.mesh import Mesh, use_virtual_devices  # noqa: E402
 from tfshard.multi_client import initialize_multi_client  # noqa: E402
 from tfshard.strategy import Strategy, StrategyBuilder, current_strategy  # noqa: E402
 from tfshard import styles  # noqa: E402
-from tfshard.styles import Plan  # noqa: E402
+from tfshard import plans  # noqa: E402,F401
+from tfshard.plans import Plan  # noqa: E402
 from tfshard import hooks as _hooks  # noqa: E402
 from tfshard import _ops  # noqa: E402
 from tfshard.tensors import local_shape, spec_of, to_numpy  # noqa: E402

@@ -61,16 +61,8 @@ import re
 import numpy as np
 
 from tfshard.comm import CollectiveCounts
-from tfshard.styles import (
-    ColumnParallel,
-    HeadParallel,
-    Plan,
-    RowParallel,
-    VocabParallel,
-    resolve_weight,
-    weight_owners,
-)
-
+from tfshard.plans import Plan, resolve_weight, weight_owners
+from tfshard.styles import ColumnParallel, HeadParallel, RowParallel, VocabParallel
 
 # A Keras optimizer's iteration count (int64) and learning rate (float32),
 # replicated on every device next to its slots.

@@ -11,7 +11,7 @@ import keras
 
 from tfshard import _auto_trace
 from tfshard.errors import ShardingError
-from tfshard.styles import LAYER, OUTPUT, VARIABLE, Plan
+from tfshard.plans import LAYER, OUTPUT, VARIABLE, Plan
 
 __all__ = ["check_plan"]
 

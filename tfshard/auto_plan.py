@@ -29,7 +29,8 @@ from tfshard import _auto_cost, _auto_recognize, _auto_trace
 from tfshard._plan_check import check_plan
 from tfshard.errors import ShardingError, StrategyError
 from tfshard.layout import LogicalRules
-from tfshard.styles import Plan, Style, weight_owners
+from tfshard.plans import Plan, weight_owners
+from tfshard.styles import Style
 
 __all__ = ["auto_plan", "AutoPlan", "check_plan"]
 
@@ -41,7 +42,7 @@ _DEFAULT_SEQ = 512
 
 
 class AutoPlan(Plan):
-    """A :class:`~tfshard.styles.Plan` made by :func:`auto_plan`, which
+    """A :class:`~tfshard.plans.Plan` made by :func:`auto_plan`, which
     knows why each entry is there and what it costs.
 
     ``print(plan)`` shows the entries with their reasons and the estimate;

@@ -41,7 +41,8 @@ from tfshard import strategy as _strategy
 from tfshard.errors import ShardingError, StrategyError, UnsupportedFeatureError
 from tfshard.layout import KEEP, fitting_spec, validate_spec
 from tfshard.mesh import Mesh
-from tfshard.styles import Plan, spec_of_layout as _spec_of, weight_owners
+from tfshard.plans import Plan, weight_owners
+from tfshard.plans import spec_of_layout as _spec_of
 
 __all__ = [
     "mesh_from_keras",

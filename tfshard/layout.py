@@ -24,7 +24,7 @@ style
     :mod:`tfshard.styles`).
 plan
     Data: layer paths or classes -> styles, variable and activation paths ->
-    specs (:class:`tfshard.styles.Plan`). A strategy resolves every variable
+    specs (:class:`tfshard.plans.Plan`). A strategy resolves every variable
     and activation through its plan and its logical rules.
 """
 

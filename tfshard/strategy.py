@@ -48,10 +48,10 @@ from tfshard._scope import push as _push_scope
 from tfshard.errors import StrategyError
 from tfshard.layout import KEEP, LogicalRules, placement_spec, validate_spec
 from tfshard.mesh import Mesh
-from tfshard.report import variable_table
-from tfshard.styles import Plan, resolve_style, resolve_weight
-from tfshard.tensors import VariableLayout
+from tfshard.plans import Plan, resolve_style, resolve_weight
 from tfshard.recompute import check_mode as check_recompute_mode
+from tfshard.report import variable_table
+from tfshard.tensors import VariableLayout
 from tfshard.zero import ZeroSharding, check_combination, check_stage, hold_gradients
 
 # "experts" (ExpertParallelMoE) defaults to the tensor axis too; a rule
@@ -188,7 +188,7 @@ class Strategy:
         The one place every variable layout is decided: the plan's entry
         for the path (``.shard``, a keras LayoutMap key), else the logical
         axes the owning layer's style declares mapped by the logical rules,
-        else replicated (see :func:`tfshard.styles.resolve_weight`).
+        else replicated (see :func:`tfshard.plans.resolve_weight`).
         """
         shape = tuple(int(d) for d in shape)
         resolved = resolve_weight(self._plan, path, name, layer, list(parents))

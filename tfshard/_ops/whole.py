@@ -134,7 +134,6 @@ WHOLE_INPUT_OPS = {
     ("math", "stft"): _keeps_batch,
     ("math", "istft"): _keeps_batch,
     # structural ops on the axes they act on
-    ("numpy", "split"): _split_keeps_batch,
     ("nn", "glu"): _glu_keeps_batch,
     ("numpy", "tile"): _tile_keeps_batch,
     ("numpy", "pad"): _pad_keeps_batch,
