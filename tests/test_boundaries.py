@@ -337,3 +337,21 @@ def test_indivisible_sizes_are_classified():
             attention.build((2, 3, 16), (2, 3, 16))
     assert err.value.kind == ShardingError.INDIVISIBLE
     assert ShardingError("plain message").kind is None
+
+
+def test_keras_private_members_tfshard_reads_exist_in_the_installed_keras():
+    """Pins every private Keras member _keras.py reads or wraps by name (not
+    through the patch table, whose install checks its own attributes): a Keras
+    release that renames one fails here, not in a user's model."""
+    import inspect
+
+    from keras.src.callbacks.tensorboard import TensorBoard
+
+    for attention in (keras.layers.MultiHeadAttention, keras.layers.GroupQueryAttention):
+        params = list(inspect.signature(attention._compute_attention).parameters)
+        assert params[:4] == ["self", "query", "key", "value"], (attention, params)
+    board = TensorBoard(log_dir="unused")
+    assert board._summary_module is None and board.summary is not None
+    assert board._summary_module is board.summary  # the property caches the module here
+    crop = keras.layers.RandomCrop(2, 2)
+    assert crop.height_axis in (-3, -2) and crop.width_axis in (-2, -1)
