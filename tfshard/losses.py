@@ -69,7 +69,6 @@ def vocab_parallel_sparse_categorical_crossentropy(
     if ignore_class is not None:
         valid = ops.not_equal(labels, ignore_class)
         labels = ops.where(valid, labels, 0)
-    labels = _checked_labels(labels, logits.shape[-1])
 
     # max over the split vocabulary: all-reduce (max). No gradient flows
     # through it (the loss does not depend on the shift).
@@ -85,16 +84,6 @@ def vocab_parallel_sparse_categorical_crossentropy(
         losses = ops.where(valid, losses, ops.zeros_like(losses))
         _keras.set_keras_mask(losses, valid)  # Keras reads the loss mask from it
     return losses
-
-
-def _checked_labels(labels, classes):
-    """``labels``, after a lookup in ``range(classes)`` that fails on an id
-    outside it as TensorFlow's fused cross-entropy does ("indices[i] = id is
-    not in [0, classes)"); a masked comparison alone would give a silent
-    loss. A local gather: the table is replicated, no communication."""
-    if classes is None:
-        return labels
-    return ops.take(ops.arange(classes, dtype=labels.dtype), labels, axis=0)
 
 
 @keras.saving.register_keras_serializable(package="tfshard")
