@@ -25,6 +25,7 @@ Optionally (``--jax``) the same model is timed on Keras 3's JAX backend with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -96,6 +97,23 @@ def time_training(config, mesh_shape=None, *, steps):
     }
 
 
+@contextlib.contextmanager
+def dumped_train_step(config):
+    """Fit one batch of ``config`` on its mesh with DTensor's pass dumps on;
+    yields the dump directory (see :func:`tfshard.comm.dump_dir`)."""
+    from tfshard import comm
+    from tfshard.app import jobs
+
+    config = {**config, "train": {**config["train"], "steps": 1}}
+    strategy = jobs.build_strategy(config)
+    (x, y), _ = jobs.load_data(config)
+    model = jobs.build_model(config, strategy)
+    batch = config["train"]["batch_size"]
+    with comm.dump_dir() as directory:
+        model.fit(x[:batch], y[:batch], batch_size=batch, epochs=1, verbose=0)
+        yield directory
+
+
 def count_step_collectives(config, mesh_shape, *, stages=("expanded", "optimized")):
     """Collectives in one compiled training step of ``config`` on a mesh,
     ``{stage: counts}`` (stages as in :func:`tfshard.comm.parse_dump_dir`).
@@ -104,15 +122,8 @@ def count_step_collectives(config, mesh_shape, *, stages=("expanded", "optimized
     :func:`tfshard.comm.run_in_subprocess` or :func:`measure_collectives`.
     """
     from tfshard import comm
-    from tfshard.app import jobs
 
-    config = with_mesh({**config, "train": {**config["train"], "steps": 1}}, mesh_shape)
-    strategy = jobs.build_strategy(config)
-    (x, y), _ = jobs.load_data(config)
-    model = jobs.build_model(config, strategy)
-    batch = config["train"]["batch_size"]
-    with comm.dump_dir() as directory:
-        model.fit(x[:batch], y[:batch], batch_size=batch, epochs=1, verbose=0)
+    with dumped_train_step(with_mesh(config, mesh_shape)) as directory:
         out = {}
         for stage in stages:
             counts, programs = comm.parse_dump_dir(directory, stage, program=TRAIN_STEP_PROGRAM)

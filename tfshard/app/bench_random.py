@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 
-from tfshard.app.bench import TRAIN_STEP_PROGRAM, time_training
+from tfshard.app.bench import TRAIN_STEP_PROGRAM, dumped_train_step, time_training
 from tfshard.app.config import ConfigError
 
 
@@ -38,15 +38,8 @@ def count_random_elements(config):
     ``config`` on its mesh, from DTensor's SPMD dump (needs the dump flag:
     run it through :func:`tfshard.comm.run_in_subprocess`)."""
     from tfshard import comm
-    from tfshard.app import jobs
 
-    config = {**config, "train": {**config["train"], "steps": 1}}
-    strategy = jobs.build_strategy(config)
-    (x, y), _ = jobs.load_data(config)
-    model = jobs.build_model(config, strategy)
-    batch = config["train"]["batch_size"]
-    with comm.dump_dir() as directory:
-        model.fit(x[:batch], y[:batch], batch_size=batch, epochs=1, verbose=0)
+    with dumped_train_step(config) as directory:
         return comm.random_elements_in_dump(directory, TRAIN_STEP_PROGRAM)
 
 
