@@ -118,3 +118,57 @@ def test_from_logits_false_is_refused_and_config_round_trips():
     clone = VocabParallelSparseCategoricalCrossentropy.from_config(loss.get_config())
     assert (clone.ignore_class, clone.reduction, clone.name) == (0, "sum", "lm")
     assert isinstance(keras.losses.deserialize(keras.losses.serialize(loss)), type(loss))
+
+
+# ------------------------------------------------------- out-of-range labels
+# TensorFlow's fused cross-entropy raises InvalidArgumentError on a label
+# outside [0, classes) (on CPU); the vocab-parallel loss raises the same
+# class (in fit, tfshard's StepError, a subclass of it), never a silent loss.
+OUT_OF_RANGE = r"label value of (37|-1) which is outside the valid range of \[0, 32\)"
+
+
+@pytest.mark.parametrize("bad", [VOCAB + 5, -1], ids=["above", "negative"])
+def test_out_of_range_label_fails_eagerly(bad, data):
+    logits, labels, _ = data
+    labels = labels.copy()
+    labels[1, 2] = bad
+    strategy = make_strategy(2, 4)
+    loss = VocabParallelSparseCategoricalCrossentropy()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=OUT_OF_RANGE + r".*labels\[1, 2\]"):
+        loss(strategy.place(labels, ("batch", None)), strategy.place(logits, ("batch", None, "model")))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=OUT_OF_RANGE):
+        loss(labels, logits)  # off the mesh too
+    # An ignored class may lie outside the vocabulary (a padding id).
+    ignored = VocabParallelSparseCategoricalCrossentropy(ignore_class=bad)
+    expected, _ = reference(logits, labels, None, {"ignore_class": bad})
+    np.testing.assert_allclose(tfshard.to_numpy(ignored(labels, logits)), expected, **TOL)
+
+
+def _vocab_split_model(strategy, eager):
+    with strategy.scope():
+        model = keras.Sequential([
+            keras.Input((SEQ, 16)), keras.layers.Dense(16),
+            tfshard.layers.ColumnParallelDense(VOCAB, logical_dim="vocab"),
+        ])
+        model.compile(optimizer="sgd", loss=VocabParallelSparseCategoricalCrossentropy(), run_eagerly=eager)
+    return model
+
+
+@pytest.mark.parametrize(
+    "shape, eager", [((2, 4), False), ((1, 8), False), ((2, 4), True)],
+    ids=["2x4-traced", "1x8-traced", "2x4-eager"],
+)
+def test_out_of_range_label_fails_a_fit_step(shape, eager):
+    """In fit: a StepError (an InvalidArgumentError and a TfshardError)
+    saying a label is out of range; the next step with good labels trains."""
+    rng = np.random.RandomState(2)
+    x = rng.randn(8, SEQ, 16).astype("float32")
+    y = rng.randint(0, VOCAB, size=(8, SEQ)).astype("int32")
+    bad = y.copy()
+    bad[5, 1] = VOCAB + 5
+    model = _vocab_split_model(make_strategy(*shape), eager)
+    text = OUT_OF_RANGE if eager else r"is not in \[0, 32\).*not a class id below the number of logits"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=text) as failure:
+        model.fit(x, bad, batch_size=8, epochs=1, verbose=0)
+    assert isinstance(failure.value, tfshard.TfshardError)
+    assert np.isfinite(model.fit(x, y, batch_size=8, epochs=1, verbose=0).history["loss"][0])

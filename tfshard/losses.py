@@ -26,6 +26,7 @@ from keras import ops
 
 from tfshard import _dtensor, _keras
 from tfshard.strategy import current_strategy
+from tfshard.tensors import to_numpy
 
 __all__ = ["VocabParallelSparseCategoricalCrossentropy", "vocab_parallel_sparse_categorical_crossentropy"]
 
@@ -69,6 +70,7 @@ def vocab_parallel_sparse_categorical_crossentropy(
     if ignore_class is not None:
         valid = ops.not_equal(labels, ignore_class)
         labels = ops.where(valid, labels, 0)
+    labels = checked_labels(labels, logits.shape[-1])
 
     # max over the split vocabulary: all-reduce (max). No gradient flows
     # through it (the loss does not depend on the shift).
@@ -84,6 +86,44 @@ def vocab_parallel_sparse_categorical_crossentropy(
         losses = ops.where(valid, losses, ops.zeros_like(losses))
         _keras.set_keras_mask(losses, valid)  # Keras reads the loss mask from it
     return losses
+
+
+# The name of the traced label check's lookup: a failed step names it
+# (tfshard.step_guards reads it to say what went wrong).
+LABEL_CHECK = "tfshard_label_range_check"
+
+
+def checked_labels(labels, classes):
+    """``labels`` (integers), checked to lie in ``[0, classes)``.
+
+    TensorFlow's fused cross-entropy raises ``InvalidArgumentError`` on an
+    id outside it (on CPU); the masked comparison above alone would give a
+    finite, wrong loss. Eagerly the labels are read on the host (no
+    collective) and an ``InvalidArgumentError`` names the value and where it
+    is. Traced, they pass through a lookup in a replicated
+    ``range(classes)``: the labels are split only like the batch, so the
+    lookup is local on every device (no collective), and on CPU a gather
+    fails on an id outside the table ("indices[i] = id is not in [0,
+    classes)"). ``tf.debugging.assert_*`` cannot do this: eagerly it copies
+    the split labels for its message (DTensor refuses), and DTensor drops
+    the ``Assert`` of a traced step (measured: no error)."""
+    if classes is None:
+        return labels
+    classes = int(classes)
+    if tf.executing_eagerly():
+        values = to_numpy(labels)
+        bad = np.argwhere((values < 0) | (values >= classes))
+        if len(bad):
+            where = tuple(int(i) for i in bad[0])
+            raise tf.errors.InvalidArgumentError(
+                None, None,
+                f"Received a label value of {values[where]} which is outside the valid range of "
+                f"[0, {classes}) (sparse categorical cross-entropy over {classes} classes; "
+                f"labels{list(where)}, {len(bad)} such label(s) in the batch). Labels must be "
+                "class ids below the number of logits; pass ignore_class to skip a padding id.",
+            )
+        return labels
+    return tf.gather(tf.range(classes, dtype=labels.dtype), labels, name=LABEL_CHECK)
 
 
 @keras.saving.register_keras_serializable(package="tfshard")

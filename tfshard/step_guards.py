@@ -310,6 +310,13 @@ _KNOWN_CAUSES = (
     ),
     ("had NaN values", TfshardError, "A NaN reached a numerics check: check the batch and the learning rate."),
     ("had Inf values", TfshardError, "An Inf reached a numerics check: check the batch and the learning rate."),
+    (
+        "tfshard_label_range_check",  # tfshard.losses.LABEL_CHECK
+        TfshardError,
+        "A label of the sparse categorical cross-entropy is not a class id below the number of "
+        "logits (the step's lookup of the labels failed on it): check the batch's labels, or "
+        "pass ignore_class for a padding id.",
+    ),
     ("outside the valid range", TfshardError, "A label or index is out of range: check the batch."),
 )
 
