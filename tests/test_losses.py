@@ -172,3 +172,100 @@ def test_out_of_range_label_fails_a_fit_step(shape, eager):
         model.fit(x, bad, batch_size=8, epochs=1, verbose=0)
     assert isinstance(failure.value, tfshard.TfshardError)
     assert np.isfinite(model.fit(x, y, batch_size=8, epochs=1, verbose=0).history["loss"][0])
+
+
+# ------------------------------------------- the stock Keras loss on a mesh
+# keras.losses.SparseCategoricalCrossentropy(from_logits=True) (as keras-hub
+# compiles its CausalLMs) on logits a column-parallel head splits by
+# vocabulary runs as the vocab-parallel formula in a traced step
+# (tfshard._ops.cross_entropy), not as TensorFlow's fused op, whose DTensor
+# expander gathers the logits.
+STOCK_PLAN = {".*head": tfshard.styles.ColumnParallel(dim="vocab", gather_output=True)}
+
+
+def stock_lm(seed=0, ignore_class=None):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((SEQ,), dtype="int32"),
+        keras.layers.Embedding(VOCAB, 16),
+        keras.layers.Dense(16, activation="tanh"),
+        keras.layers.Dense(VOCAB, name="head"),
+    ])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=ignore_class)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss, weighted_metrics=[])
+    return model
+
+
+def stock_lm_data():
+    rng = np.random.RandomState(3)
+    x = rng.randint(0, VOCAB, size=(16, SEQ)).astype("int32")
+    y = rng.randint(0, VOCAB, size=(16, SEQ)).astype("int32")
+    y[:, -1] = 3  # the ignored class in one case
+    return x, y
+
+
+def stock_strategy(shape):
+    mesh = tfshard.Mesh({"batch": shape[0], "model": shape[1]})
+    return tfshard.StrategyBuilder(mesh).data_parallel("batch").tensor_parallel("model").plan(STOCK_PLAN).build()
+
+
+def test_stock_loss_trains_like_keras_on_vocab_split_logits():
+    """2x4, with an ignored class: fit losses and weights as plain Keras's;
+    an out-of-range label fails the step as TensorFlow's fused op does."""
+    from tfshard._ops import cross_entropy
+
+    x, y = stock_lm_data()
+    plain = stock_lm(ignore_class=3)
+    strategy = stock_strategy((2, 4))
+    with strategy.scope():
+        sharded = stock_lm(ignore_class=3)
+    assert tfshard.spec_of(sharded.get_layer("head").kernel) == (None, "model")
+    assert cross_entropy.split_class_axis(strategy, VOCAB) == "model"
+    assert cross_entropy.split_class_axis(strategy, VOCAB // 2) is None  # a classifier's whole logits
+    expected = plain.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history["loss"]
+    got = sharded.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0).history["loss"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for p, s in zip(plain.weights, sharded.weights):
+        np.testing.assert_allclose(tfshard.to_numpy(s), p.numpy(), rtol=1e-5, atol=1e-5, err_msg=s.path)
+    bad = y.copy()
+    bad[2, 1] = VOCAB
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"is not in \[0, 32\)"):
+        sharded.fit(x, bad, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+
+def measure_stock_loss_step():
+    """In a child process: the collectives of one 2x4 train step of
+    ``stock_lm`` as launched (DTensor's optimized stage) and as expanded,
+    with the shapes of the expanded model-axis all-reduces."""
+    import re
+
+    from tfshard import comm
+    from tfshard.app.bench import TRAIN_STEP_PROGRAM
+
+    x, y = stock_lm_data()
+    with stock_strategy((2, 4)).scope():
+        model = stock_lm()
+    with comm.dump_dir() as directory:
+        model.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)
+        launched, _ = comm.parse_dump_dir(directory, "optimized", program=TRAIN_STEP_PROGRAM)
+        expanded, _ = comm.parse_dump_dir(directory, "expanded", program=TRAIN_STEP_PROGRAM)
+        text = next(comm._program_texts(directory, "expanded", TRAIN_STEP_PROGRAM))
+    shapes = re.findall(r'"tf\.DTensorAllReduce".*:\s*\(tensor<([^>]*)>, tensor<2x4xi32>\)', text)
+    keep = lambda counts: comm.CollectiveCounts(  # noqa: E731
+        {k: n for k, n in counts.items() if n and k[0] != "all_scatter"})
+    return keep(launched), keep(expanded), shapes
+
+
+def test_stock_loss_on_vocab_split_logits_never_gathers_them():
+    """Pinned from DTensor's dump of the fit step on 2x4 (4 x 8 tokens per
+    device, 32 classes). TensorFlow's fused op would all-gather the logits
+    (4x8x32); here nothing is gathered: the model-axis all-reduces are the
+    max (4x8x1), the sum of exponentials and the label's logit (4x8 each,
+    launched together) and the gradient reaching the replicated layers
+    (32x16), 3 launches in all."""
+    from tfshard import comm
+
+    launched, expanded, shapes = comm.run_in_subprocess("test_losses:measure_stock_loss_step")
+    assert expanded.total("all_gather") == 0, expanded
+    assert sorted(shapes) == ["32x16xf32", "4x8x1xf32", "4x8xf32", "4x8xf32"], shapes
+    assert launched == {("all_reduce", "model"): 3, ("all_reduce", "batch"): 1}, launched

@@ -31,9 +31,11 @@ from tfshard.tensors import to_numpy
 __all__ = ["VocabParallelSparseCategoricalCrossentropy", "vocab_parallel_sparse_categorical_crossentropy"]
 
 
-def _vocab_ids(logits, logical_dim):
+def _vocab_ids(logits, logical_dim, mesh_axis=None):
     """``arange(vocab)`` laid out like the vocabulary dim of ``logits``:
-    each device gets the ids of the logits it holds."""
+    each device gets the ids of the logits it holds. Traced, the ids are
+    split over ``mesh_axis``, else over the axis the rules give
+    ``logical_dim``."""
     vocab = int(logits.shape[-1])
     if tf.executing_eagerly() and _dtensor.is_dtensor(logits):
         layout = _dtensor.layout_of(logits)
@@ -44,7 +46,7 @@ def _vocab_ids(logits, logical_dim):
     ids = tf.range(vocab, dtype="int32")
     strategy = current_strategy()
     if strategy is not None and not tf.executing_eagerly():
-        axis = strategy.logical_rules.axis_for(logical_dim)
+        axis = mesh_axis or strategy.logical_rules.axis_for(logical_dim)
         if axis is not None and vocab % strategy.mesh.axis_size(axis) == 0:
             ids = strategy.place(ids, (axis,))
     return ids
@@ -60,18 +62,29 @@ def vocab_parallel_sparse_categorical_crossentropy(
     from_logits=True)``; see the module docstring for the collectives.
     """
     logits = ops.convert_to_tensor(y_pred)
-    if keras.backend.standardize_dtype(logits.dtype) in ("float16", "bfloat16"):
-        logits = ops.cast(logits, "float32")
     labels = ops.convert_to_tensor(y_true)
     if len(labels.shape) == len(logits.shape) and labels.shape[-1] == 1:
         labels = ops.squeeze(labels, axis=-1)
-    labels = ops.cast(labels, "int32")
     valid = None
     if ignore_class is not None:
+        labels = ops.cast(labels, "int32")
         valid = ops.not_equal(labels, ignore_class)
         labels = ops.where(valid, labels, 0)
-    labels = checked_labels(labels, logits.shape[-1])
+    losses = split_class_crossentropy(labels, logits, logical_dim=logical_dim)
+    if valid is not None:
+        losses = ops.where(valid, losses, ops.zeros_like(losses))
+        _keras.set_keras_mask(losses, valid)  # Keras reads the loss mask from it
+    return losses
 
+
+def split_class_crossentropy(labels, logits, mesh_axis=None, logical_dim="vocab"):
+    """Per-token cross-entropy of ``labels`` ``(...)`` (checked to lie in
+    ``[0, classes)``) and ``logits`` ``(..., classes)``, the classes split
+    (traced) over ``mesh_axis`` or the axis of ``logical_dim``: the module
+    docstring's formula."""
+    if keras.backend.standardize_dtype(logits.dtype) in ("float16", "bfloat16"):
+        logits = ops.cast(logits, "float32")
+    labels = checked_labels(ops.cast(labels, "int32"), logits.shape[-1])
     # max over the split vocabulary: all-reduce (max). No gradient flows
     # through it (the loss does not depend on the shift).
     shift = ops.stop_gradient(ops.max(logits, axis=-1, keepdims=True))
@@ -79,13 +92,9 @@ def vocab_parallel_sparse_categorical_crossentropy(
     # sum of exp over the split vocabulary: all-reduce (sum).
     log_sum_exp = ops.log(ops.sum(ops.exp(shifted), axis=-1))
     # The label's logit: only its owner holds a True; all-reduce (sum).
-    hit = ops.equal(ops.expand_dims(labels, -1), _vocab_ids(logits, logical_dim))
+    hit = ops.equal(ops.expand_dims(labels, -1), _vocab_ids(logits, logical_dim, mesh_axis))
     target = ops.sum(ops.where(hit, shifted, ops.zeros_like(shifted)), axis=-1)
-    losses = log_sum_exp - target
-    if valid is not None:
-        losses = ops.where(valid, losses, ops.zeros_like(losses))
-        _keras.set_keras_mask(losses, valid)  # Keras reads the loss mask from it
-    return losses
+    return log_sum_exp - target
 
 
 # The name of the traced label check's lookup: a failed step names it
@@ -140,7 +149,9 @@ class VocabParallelSparseCategoricalCrossentropy(keras.losses.Loss):
         reduction, name, dtype: as ``keras.losses.Loss``; ``sample_weight``
             works as for any Keras loss.
         logical_dim: the logical dimension of the vocabulary (for the layout
-            of the vocabulary ids inside a traced step).
+            of the vocabulary ids inside a traced step); None: the ids are
+            not placed and follow the logits' layout (DTensor propagates it;
+            logits left whole then need no collective).
 
     Outside a strategy, on plain tensors, it computes the same formula.
     """

@@ -13,6 +13,8 @@ unchanged:
 * :mod:`~tfshard._ops.gradients`: ``top_k``, ``one_hot`` and
   ``segment_sum`` in elementwise or gather forms DTensor expands;
 * :mod:`~tfshard._ops.pooling`: max/average pooling on split channels;
+* :mod:`~tfshard._ops.cross_entropy`: sparse categorical cross-entropy on
+  logits split by class, vocab-parallel;
 * :mod:`~tfshard._ops.whole`: ops that need the dims they act on whole, and
   broadcast divisors;
 * :mod:`~tfshard._ops.control`: ``switch`` and ``map`` on a mesh, and clear
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 from tfshard import _dtensor, _keras
 from tfshard._ops.control import map_fn, nonzero, switch, where
+from tfshard._ops.cross_entropy import sparse_categorical_crossentropy
 from tfshard._ops.draws import dropout, random_crop_images, random_draw
 from tfshard._ops.gradients import one_hot, segment_sum, top_k
 from tfshard._ops.pooling import average_pool, max_pool
@@ -62,6 +65,9 @@ def replacements():
     out = {("random", name): (random_draw, _RANDOM) for name in RANDOM_DRAWS}
     out[("random", "dropout")] = (dropout, _RANDOM)
     out[("math", "top_k")] = (top_k, "TopKV2's gradient scatters global indices into a local shard")
+    out[("nn", "sparse_categorical_crossentropy")] = (
+        sparse_categorical_crossentropy,
+        "logits split by class: Megatron's vocab-parallel cross-entropy, never a gather of the logits")
     out[("nn", "one_hot")] = (one_hot, "OneHot cannot expand an output split on a dim it inherits")
     pooling = "pooling on split channels (DTensor expands only batch splits)"
     out[("nn", "max_pool")] = (max_pool, pooling)
