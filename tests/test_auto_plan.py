@@ -139,10 +139,11 @@ def test_cost_model_estimate_is_what_dtensor_launches(estimates):
         assert estimate == inspect_estimate, (name, estimate, inspect_estimate)  # tfshard inspect's model
     estimate, launched, text = estimates["llama"]
     # Llama (2 key/value heads on 4 devices: key/value whole; untied
-    # vocabulary-parallel logits gathered for keras' loss): lookup, attention,
-    # feed-forward and logits forward; logits, feed-forward and attention
-    # backward (the key/value gradient gathers launch with the attention's).
-    assert launched == {("all_reduce", "model"): 7, ("all_reduce", "batch"): 1}, launched
+    # vocabulary-parallel logits): lookup, attention, feed-forward, logits
+    # gathered for its accuracy metric and the stock loss's vocab-parallel
+    # sums forward; logits, feed-forward and attention backward (the
+    # key/value gradient gathers launch with the attention's).
+    assert launched == {("all_reduce", "model"): 8, ("all_reduce", "batch"): 1}, launched
     assert estimate == launched, (estimate, launched, text)
 
 

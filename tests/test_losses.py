@@ -242,9 +242,15 @@ def measure_stock_loss_step():
     from tfshard import comm
     from tfshard.app.bench import TRAIN_STEP_PROGRAM
 
+    from tfshard.auto_plan import auto_plan
+
     x, y = stock_lm_data()
-    with stock_strategy((2, 4)).scope():
+    mesh = tfshard.Mesh({"batch": 2, "model": 4})
+    plan = auto_plan(stock_lm, mesh, inputs=x[:8])
+    keras.backend.clear_session()
+    with plan.builder(mesh).build().scope():
         model = stock_lm()
+    assert tfshard.spec_of(model.get_layer("head").kernel) == (None, "model")
     with comm.dump_dir() as directory:
         model.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)
         launched, _ = comm.parse_dump_dir(directory, "optimized", program=TRAIN_STEP_PROGRAM)
@@ -253,11 +259,12 @@ def measure_stock_loss_step():
     shapes = re.findall(r'"tf\.DTensorAllReduce".*:\s*\(tensor<([^>]*)>, tensor<2x4xi32>\)', text)
     keep = lambda counts: comm.CollectiveCounts(  # noqa: E731
         {k: n for k, n in counts.items() if n and k[0] != "all_scatter"})
-    return keep(launched), keep(expanded), shapes
+    return keep(launched), keep(expanded), shapes, plan.estimate_collectives()
 
 
 def test_stock_loss_on_vocab_split_logits_never_gathers_them():
-    """Pinned from DTensor's dump of the fit step on 2x4 (4 x 8 tokens per
+    """The model laid out by auto_plan (the head column-parallel by
+    vocabulary). Pinned from DTensor's dump of the fit step on 2x4 (4 x 8 tokens per
     device, 32 classes). TensorFlow's fused op would all-gather the logits
     (4x8x32); here nothing is gathered: the model-axis all-reduces are the
     max (4x8x1), the sum of exponentials and the label's logit (4x8 each,
@@ -265,7 +272,8 @@ def test_stock_loss_on_vocab_split_logits_never_gathers_them():
     (32x16), 3 launches in all."""
     from tfshard import comm
 
-    launched, expanded, shapes = comm.run_in_subprocess("test_losses:measure_stock_loss_step")
+    launched, expanded, shapes, estimate = comm.run_in_subprocess("test_losses:measure_stock_loss_step")
     assert expanded.total("all_gather") == 0, expanded
     assert sorted(shapes) == ["32x16xf32", "4x8x1xf32", "4x8xf32", "4x8xf32"], shapes
     assert launched == {("all_reduce", "model"): 3, ("all_reduce", "batch"): 1}, launched
+    assert estimate == launched  # auto_plan's cost model follows the vocab-parallel path

@@ -29,9 +29,13 @@ reduce-scatter ``(n-1)/n * b``), with ``t`` tokens per data-parallel group
 * split feed-forward: the same two; a gated one's two input gradients are
   launched together;
 * split embedding: one all-reduce of the looked-up rows; its logits (tied or
-  untied, or a split output projection) are gathered whole for the loss, and
-  their input gradient is all-reduced backward. tfshard's own vocabulary-
-  parallel embedding keeps its logits split and its loss adds two launches;
+  untied, or a split output projection) are gathered whole for a fused loss,
+  or, for a stock sparse cross-entropy on logits (run vocab-parallel, see
+  :mod:`tfshard._auto_loss`), reduced per token in two launches (the max,
+  then the sums; with compiled metrics the gather stays and only the sums
+  are added); their input gradient is all-reduced backward. tfshard's own
+  vocabulary-parallel embedding keeps its logits split and its loss adds
+  two launches;
 * experts over the tensor axis: the router's logits are gathered, the
   experts' sum all-reduced, and backward the routing and input gradients;
 * the data axis: one all-reduce of every gradient that is whole over it
@@ -60,6 +64,7 @@ import re
 
 import numpy as np
 
+from tfshard._auto_loss import logits_rows
 from tfshard.comm import CollectiveCounts
 from tfshard.plans import Plan, resolve_weight, weight_owners
 from tfshard.styles import ColumnParallel, HeadParallel, RowParallel, VocabParallel
@@ -80,6 +85,8 @@ class Setting:
     batch: int  # global batch
     seq: int  # positions per example
     slots: int  # optimizer slots per trainable weight
+    loss_splits_logits: bool = False  # the compiled loss is vocab-parallel (_auto_loss)
+    metrics_read_logits: bool = False  # compiled metrics gather the logits anyway
 
     @property
     def dp(self):
@@ -225,9 +232,8 @@ def unit_entries(unit, setting, choice, keys):
         if not setting.splits("vocab") or info["vocab"] % tp:
             return [], [], f"{unit.reason}: {info['vocab']} outputs do not divide {axis}={tp}: replicated"
         entries.append((keys[id(unit.layer)], ColumnParallel(dim="vocab", gather_output=True),
-                        f"{unit.reason}: column-parallel, logits gathered for the loss"))
-        rows.append(Row(("fwd", first), "all_gather", axis, t * info["vocab"] * 4, "logits gathered for the loss"))
-        rows.append(Row(("bwd", first), "all_reduce", axis, t * info["width"] * 4, "logits input gradient"))
+                        f"{unit.reason}: column-parallel, {_logits_fate(setting)}"))
+        rows += logits_rows(Row, setting, first, info["vocab"], info["width"], "logits")
         return entries, rows, f"{unit.reason}: split by vocabulary over {axis}"
     if unit.kind == "experts":
         return _expert_entries(unit, setting, choice, keys)
@@ -255,11 +261,18 @@ def _embedding_entries(unit, setting, choice, keys):
     for call in info["lookup_calls"]:
         rows.append(Row(("fwd", call.index), "all_reduce", axis, t * dim * 4, "vocabulary-parallel lookup"))
     for call in info["logits_calls"]:
-        rows.append(Row(("fwd", call.index), "all_gather", axis, t * vocab * 4, "logits gathered for the loss"))
-        rows.append(Row(("bwd", call.index), "all_reduce", axis, t * dim * 4, "logits input gradient"))
+        rows += logits_rows(Row, setting, call.index, vocab, dim, "logits")
     what = "tied logits" if info["logits"] and info["reverse"] is None else "logits" if info["logits"] else "lookups"
-    return entries, rows, f"{unit.reason}: split by vocabulary over {axis} ({what} gathered whole for the loss)" \
+    return entries, rows, f"{unit.reason}: split by vocabulary over {axis} ({what}: {_logits_fate(setting)})" \
         if info["logits"] else f"{unit.reason}: split by vocabulary over {axis} (chosen by the search)"
+
+
+def _logits_fate(setting):
+    if not setting.loss_splits_logits:
+        return "logits gathered for the loss"
+    if setting.metrics_read_logits:
+        return "vocab-parallel loss, logits gathered for the metrics"
+    return "vocab-parallel loss, logits never gathered"
 
 
 def _expert_entries(unit, setting, choice, keys):

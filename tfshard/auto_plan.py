@@ -20,12 +20,14 @@ must match something.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from collections.abc import Mapping
 
 import keras
 
-from tfshard import _auto_cost, _auto_recognize, _auto_trace
+from tfshard import _auto_cost, _auto_loss, _auto_recognize, _auto_trace
 from tfshard._plan_check import check_plan
 from tfshard.errors import ShardingError, StrategyError
 from tfshard.layout import LogicalRules
@@ -229,7 +231,8 @@ def auto_plan(build_model, mesh, *, memory_budget=None, rules=None, inputs=None,
     units = _auto_recognize.recognize(trace, model)
     batch, seq = _step_size(model, inputs, sizes.get(data_axis, 1) if data_axis else 1)
     slots = optimizer_slots if optimizer_slots is not None else _optimizer_slots(model, notes)
-    setting = _auto_cost.Setting(sizes, data_axis, tensor_axis, completed, batch, seq, slots)
+    setting = _auto_cost.Setting(sizes, data_axis, tensor_axis, completed, batch, seq, slots,
+                                 _auto_loss.loss_splits_logits(model), _auto_loss.metrics_read_logits(model))
     all_paths = [getattr(layer, "path", None) or layer.name for layer in _auto_trace.all_layers(model)]
     keys = _auto_cost.layer_keys(model, units, all_paths)
     owners = weight_owners(model)
@@ -342,7 +345,7 @@ def _mesh_that_fits(model, units, setting, keys, owners, budget):
             if (dp_factor, tp_factor) != (1, 1) and devices <= 4096:
                 options.append((devices, tp_factor, sizes))
     for devices, _, sizes in sorted(options, key=lambda o: (o[0], o[1])):
-        trial = _auto_cost.Setting(sizes, data, tensor, setting.rules, setting.batch, setting.seq, setting.slots)
+        trial = dataclasses.replace(setting, sizes=sizes, data_axis=data, tensor_axis=tensor)
         best = min(
             (_auto_cost.assess(model, units, trial, c, keys, owners) for c in _auto_cost.candidates(units, trial)),
             key=lambda a: a.bytes_per_device,
