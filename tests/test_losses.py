@@ -239,9 +239,8 @@ def measure_stock_loss_step():
     with the shapes of the expanded model-axis all-reduces."""
     import re
 
-    from tfshard import comm
+    from tfshard import _spmd_dumps, comm
     from tfshard.app.bench import TRAIN_STEP_PROGRAM
-
     from tfshard.auto_plan import auto_plan
 
     x, y = stock_lm_data()
@@ -255,7 +254,7 @@ def measure_stock_loss_step():
         model.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)
         launched, _ = comm.parse_dump_dir(directory, "optimized", program=TRAIN_STEP_PROGRAM)
         expanded, _ = comm.parse_dump_dir(directory, "expanded", program=TRAIN_STEP_PROGRAM)
-        text = next(comm._program_texts(directory, "expanded", TRAIN_STEP_PROGRAM))
+        text = next(_spmd_dumps._program_texts(directory, "expanded", TRAIN_STEP_PROGRAM))
     shapes = re.findall(r'"tf\.DTensorAllReduce".*:\s*\(tensor<([^>]*)>, tensor<2x4xi32>\)', text)
     keep = lambda counts: comm.CollectiveCounts(  # noqa: E731
         {k: n for k, n in counts.items() if n and k[0] != "all_scatter"})
