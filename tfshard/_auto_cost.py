@@ -53,16 +53,12 @@ reduce-scatter), so their launch counts are estimates. Experts over the
 tensor axis are an upper estimate too: on tiny keras-hub QwenMoe and
 Qwen3Moe (2x4, stock loss, accuracy metric) it counts 12 and 10
 model-axis launches where DTensor launches 8 (and 1 data-axis launch
-where it launches 2: the routers' auxiliary loss). Read from the dumps,
-the difference is: (1) "router logits gathered" is never launched (the
-router's kernel and input are whole over the tensor axis, so are its
-logits), both models; (2) the routing weights' gradient launches with the
-experts' and router's input gradients, both models; (3) QwenMoe only: its
-shared expert (a split feed-forward beside the experts, same input) sums
-its output with the experts' sum, and its input gradients launch with
-theirs -- parallel branches, where this model orders stages by call
-index. Fixing (3) needs stages by dependency depth, not call order (not
-done). Bytes per device matched exactly in every tested model.
+where it launches 2: the routers' auxiliary loss). From the dumps: the
+router's logits are never gathered (its kernel and input are whole); the
+routing weights' gradient launches with the input gradients; QwenMoe's
+shared expert (a split feed-forward beside the experts) launches with the
+experts, forward and backward: parallel branches, which stages by call
+index cannot see. Bytes per device matched exactly in every tested model.
 """
 
 from __future__ import annotations
