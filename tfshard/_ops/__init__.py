@@ -13,6 +13,7 @@ unchanged:
 * :mod:`~tfshard._ops.gradients`: ``top_k``, ``one_hot`` and
   ``segment_sum`` in elementwise or gather forms DTensor expands;
 * :mod:`~tfshard._ops.pooling`: max/average pooling on split channels;
+* :mod:`~tfshard._ops.contraction`: a weight matrix's contracted dim whole;
 * :mod:`~tfshard._ops.whole`: ops that need the dims they act on whole, and
   broadcast divisors;
 * :mod:`~tfshard._ops.control`: ``switch`` and ``map`` on a mesh, and clear
@@ -25,11 +26,12 @@ TensorFlow ops with no DTensor expander at all run replicated
 from __future__ import annotations
 
 from tfshard import _dtensor, _keras
+from tfshard._ops.contraction import einsum, matmul, tensordot
 from tfshard._ops.control import map_fn, nonzero, switch, where
 from tfshard._ops.draws import dropout, random_crop_images, random_draw
 from tfshard._ops.gradients import one_hot, segment_sum, top_k
 from tfshard._ops.pooling import average_pool, max_pool
-from tfshard._ops.whole import WHOLE_INPUT_OPS, divide, whole_inputs
+from tfshard._ops.whole import WHOLE_INPUT_OPS, divide, split, whole_inputs
 
 RANDOM_DRAWS = (
     "normal", "uniform", "truncated_normal", "randint", "categorical", "shuffle",
@@ -69,6 +71,12 @@ def replacements():
     for key, rule in WHOLE_INPUT_OPS.items():
         keep_batch, pin = rule if isinstance(rule, tuple) else (rule, True)
         out[key] = (whole_inputs(keep_batch, pin), _WHOLE)
+    contraction = ("a weight matrix's contracted dim whole (DTensor rejects a contracted dim "
+                   "split over different axes in the two operands)")
+    for name, fn in (("matmul", matmul), ("tensordot", tensordot), ("einsum", einsum)):
+        out[("numpy", name)] = (fn, contraction)
+    out[("numpy", "split")] = (split, "the split axis whole (DTensor's Split expander rejects "
+                               "a split on it)")
     out[("math", "segment_sum")] = (segment_sum, "its gradient fails to expand: a gather by segment id")
     broadcast = "a broadcast divisor whole (its gradient fails when its layout disagrees)"
     out[("numpy", "divide")] = (divide, broadcast)

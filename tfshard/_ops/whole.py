@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from keras import tree
 
-from tfshard._ops._common import on_mesh, whole
+from tfshard._ops._common import is_tensor, on_mesh, whole
 
 def whole_inputs(keep_batch, pin_outputs=True):
     """A replacement that lays every tensor argument out whole before the
@@ -167,3 +167,65 @@ def divide(original, x1, x2):
     if 0 < _known_rank(x2) < _known_rank(x1):
         x2 = whole(strategy, x2, False)
     return original(x1, x2)
+
+
+# ------------------------------------------------------------------ split
+def _section_bounds(n, indices_or_sections):
+    """Start and length of each piece of a length-``n`` axis, as numpy's
+    (and Keras's) split defines them, or None when they are not static."""
+    if isinstance(indices_or_sections, int):
+        if n is None or n % indices_or_sections:
+            return None
+        size = n // indices_or_sections
+        return [(i * size, size) for i in range(indices_or_sections)]
+    cuts = _static_ints(indices_or_sections)
+    if cuts is None or n is None:
+        return None
+    edges = [0] + [min(max(c, 0), n) for c in cuts] + [n]
+    return [(a, max(b - a, 0)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def split(original, x, indices_or_sections, axis=0):
+    """``keras.ops.split`` on a mesh as one slice per piece.
+
+    DTensor's Split/SplitV expanders reject an input split on the axis being
+    split ("Spliting over sharded dimension is not supported") and give the
+    pieces the input's layout (a piece too short for that split fails).
+    Layouts are not known when a step is traced, and a relayout cannot make
+    only that axis whole while keeping the others' splits. A Slice's
+    expander lays out what it needs by itself, but its gradient
+    does not (a Pad of a split dim), so each piece is ``tf.slice`` of the
+    input and the gradient is the pieces' gradients concatenated, as
+    Split's own: exact, and no data moves where the axis is whole. (Laying the input out
+    whole with pinned outputs broke keras-hub QwenMoe/Qwen3Moe training:
+    DTensor rejects that relayout pair in the gradient.)"""
+    strategy = on_mesh(x)
+    if strategy is None or not is_tensor(x) or isinstance(x, tf.SparseTensor):
+        return original(x, indices_or_sections, axis=axis)
+    x = tf.convert_to_tensor(x)
+    rank = x.shape.rank
+    if not rank:
+        return original(x, indices_or_sections, axis=axis)
+    dim = int(axis) % rank
+    bounds = _section_bounds(x.shape[dim], indices_or_sections)
+    if bounds is None:
+        return original(x, indices_or_sections, axis=axis)
+    if not x.dtype.is_floating:
+        return [_piece(x, dim, start, size) for start, size in bounds]
+
+    @tf.custom_gradient
+    def sliced(x):
+        def grad(*upstream):
+            return tf.concat([tf.zeros_like(p) if g is None else g
+                              for g, p in zip(upstream, pieces)], axis=dim)
+
+        pieces = [_piece(x, dim, start, size) for start, size in bounds]
+        return pieces, grad
+
+    return list(sliced(x))
+
+
+def _piece(x, dim, start, size):
+    begin, sizes = [0] * x.shape.rank, [-1] * x.shape.rank
+    begin[dim], sizes[dim] = start, size
+    return tf.slice(x, begin, sizes)
