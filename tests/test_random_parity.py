@@ -6,6 +6,8 @@ gives the unsharded layer's output to the bit, because every draw is made
 at its global shape and each device keeps its slice (``random_streams=
 "global"``, the default)."""
 
+import random
+
 import keras
 import numpy as np
 import pytest
@@ -74,7 +76,8 @@ RGB_AUGMENTATIONS = {
 }
 # RandAugment picks its operations with keras.ops.nonzero (a value-dependent
 # shape): a clear error on a mesh; it belongs in the input pipeline. (AugMix
-# also picks by value; whether a draw reaches nonzero depends on the draw.)
+# picks its operations with Python's random module; its Equalization is
+# patched on a mesh, see test_augmix_draws_one_device_numbers.)
 PIPELINE_ONLY = {"RandAugment": lambda: L.RandAugment(value_range=(0, 255), seed=1)}
 
 
@@ -205,3 +208,36 @@ def test_augmentation_choosing_ops_by_value_is_a_clear_error_on_a_mesh(name):
 
     with pytest.raises(tfshard.errors.UnsupportedFeatureError, match="nonzero.*input pipeline"):
         run(strategy.place(RGB, ("batch", None, None, None)))
+
+
+def _augmix_seed_with(name, tries=50):
+    """A Python random seed for which AugMix's chains include ``name``
+    (AugMix picks its operations with Python's ``random`` module)."""
+    layer = L.AugMix(value_range=(0, 255), seed=1)
+    for seed in range(tries):
+        random.seed(seed)
+        chains = layer.get_random_transformation(RGB, training=True)["chain_transforms"]
+        if any(step["layer_name"] == name for chain in chains for step in chain):
+            return seed
+    raise AssertionError(f"no seed below {tries} picks {name}")
+
+
+@pytest.mark.parametrize("name", ["Equalization", "AugMix"])
+def test_augmix_draws_one_device_numbers(name):
+    """Equalization (on TensorFlow it finds the first nonzero histogram bin
+    with nonzero(), a value-dependent shape, and counts bins with bincount,
+    a run-time length) equals one device on a mesh, and so does AugMix with
+    a draw whose chains include it."""
+    if name == "Equalization":
+        make, seed = (lambda: L.Equalization(value_range=(0, 255))), 0
+    else:
+        make, seed = (lambda: L.AugMix(value_range=(0, 255), seed=1)), _augmix_seed_with("equalization")
+    random.seed(seed)
+    expected = np.asarray(make()(RGB, training=True))
+    strategy = strategy_for((2, 4))
+    with strategy.scope():
+        layer = make()
+    random.seed(seed)
+    got = traced_on_mesh(strategy, lambda t: layer(t, training=True), RGB, ("batch", None, None, None))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)  # pixel values up to 255
+    assert not np.allclose(got, RGB)

@@ -29,6 +29,7 @@ from tfshard import _dtensor, _keras
 from tfshard._ops.contraction import einsum, matmul, tensordot
 from tfshard._ops.control import map_fn, nonzero, switch, where
 from tfshard._ops.draws import dropout, random_crop_images, random_draw
+from tfshard._ops.images import equalization_apply, equalization_histogram
 from tfshard._ops.gradients import one_hot, segment_sum, top_k
 from tfshard._ops.pooling import average_pool, max_pool
 from tfshard._ops.whole import WHOLE_INPUT_OPS, divide, split, whole_inputs
@@ -97,6 +98,16 @@ LAYER_METHODS = {
         random_crop_images,
         "a crop at random offsets is a slice with run-time bounds, which DTensor cannot "
         "expand: rows and columns are gathered instead"),
+    ("keras.src.layers.preprocessing.image_preprocessing.equalization:Equalization",
+     "_apply_equalization"): (
+        equalization_apply,
+        "its first nonzero histogram bin is found with nonzero(cdf)[0][0], a value-dependent "
+        "shape DTensor cannot lay out: argmax(cdf > 0) instead, as Keras does on JAX"),
+    ("keras.src.layers.preprocessing.image_preprocessing.equalization:Equalization",
+     "_custom_histogram_fixed_width"): (
+        equalization_histogram,
+        "bincount's length is known only at run time, which DTensor cannot lay out: "
+        "a segment sum with a static number of bins instead"),
 }
 
 
