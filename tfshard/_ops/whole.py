@@ -192,11 +192,11 @@ def split(original, x, indices_or_sections, axis=0):
     split ("Spliting over sharded dimension is not supported") and give the
     pieces the input's layout (a piece too short for that split fails).
     Layouts are not known when a step is traced, and a relayout cannot make
-    only that axis whole while keeping the others' splits. A Slice's
-    expander lays out what it needs by itself, but its gradient
-    does not (a Pad of a split dim), so each piece is ``tf.slice`` of the
-    input and the gradient is the pieces' gradients concatenated, as
-    Split's own: exact, and no data moves where the axis is whole. (Laying the input out
+    only that axis whole while keeping the others' splits (DTensor allows
+    one "match" dim per layout). Slice's expander lays out what it needs by
+    itself; its TensorFlow gradient (a Pad of the split dim) does not expand,
+    so the gradient is Split's own: the pieces' gradients concatenated.
+    Exact, and no data moves where the axis is whole. (Laying the input out
     whole with pinned outputs broke keras-hub QwenMoe/Qwen3Moe training:
     DTensor rejects that relayout pair in the gradient.)"""
     strategy = on_mesh(x)
