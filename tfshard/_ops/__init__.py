@@ -32,7 +32,7 @@ from tfshard._ops.draws import dropout, random_crop_images, random_draw
 from tfshard._ops.images import equalization_apply, equalization_histogram
 from tfshard._ops.gradients import one_hot, segment_sum, top_k
 from tfshard._ops.pooling import average_pool, max_pool
-from tfshard._ops.whole import WHOLE_INPUT_OPS, divide, split, whole_inputs
+from tfshard._ops.whole import WHOLE_INPUT_OPS, divide, elastic_transform, split, whole_inputs
 
 RANDOM_DRAWS = (
     "normal", "uniform", "truncated_normal", "randint", "categorical", "shuffle",
@@ -76,6 +76,9 @@ def replacements():
                    "split over different axes in the two operands)")
     for name, fn in (("matmul", matmul), ("tensordot", tensordot), ("einsum", einsum)):
         out[("numpy", name)] = (fn, contraction)
+    out[("image", "elastic_transform")] = (
+        elastic_transform, _WHOLE + "; a sigma known only at run time is a clear error "
+        "(a run-time blur kernel size)")
     out[("numpy", "split")] = (split, "the split axis whole (DTensor's Split expander rejects "
                                "a split on it)")
     out[("math", "segment_sum")] = (segment_sum, "its gradient fails to expand: a gather by segment id")

@@ -119,7 +119,6 @@ WHOLE_INPUT_OPS = {
     ("image", "gaussian_blur"): _keeps_batch,
     ("image", "affine_transform"): _keeps_batch,
     ("image", "perspective_transform"): _keeps_batch,
-    ("image", "elastic_transform"): _keeps_batch,
     ("image", "rgb_to_hsv"): (_keeps_batch, False),
     ("image", "hsv_to_rgb"): (_keeps_batch, False),
     ("image", "rgb_to_grayscale"): _keeps_batch,
@@ -229,3 +228,38 @@ def _piece(x, dim, start, size):
     begin, sizes = [0] * x.shape.rank, [-1] * x.shape.rank
     begin[dim], sizes[dim] = start, size
     return tf.slice(x, begin, sizes)
+
+
+# ------------------------------------------------------- elastic transform
+_elastic_whole = whole_inputs(_keeps_batch)
+
+
+def elastic_transform(original, images, *args, **kwargs):
+    """``keras.ops.image.elastic_transform`` on a mesh: laid out whole but
+    for the batch (see :func:`whole_inputs`); a ``sigma`` known only at run
+    time is a clear error. Its Gaussian blur's kernel is ``6 * int(sigma) | 1``
+    wide, a run-time shape DTensor cannot lay out ("value shape is not
+    static"), and the raw error's MLIR text is so long that TensorFlow takes
+    many minutes to format it."""
+    sigma = kwargs.get("sigma", args[1] if len(args) > 1 else None)
+    if (
+        on_mesh(images) is not None
+        and not tf.executing_eagerly()
+        and tf.is_tensor(sigma)
+        and tf.get_static_value(sigma) is None
+    ):
+        raise _run_time_sigma_error()
+    return _elastic_whole(original, images, *args, **kwargs)
+
+
+def _run_time_sigma_error():
+    from tfshard.errors import UnsupportedFeatureError
+
+    return UnsupportedFeatureError(
+        "keras.ops.image.elastic_transform on a mesh with a sigma known only at run time "
+        "(keras.layers.RandomElasticTransform draws it from its scale): the Gaussian blur's "
+        "kernel size, 6 * int(sigma) | 1, is then a run-time shape, which DTensor cannot lay "
+        "out. Apply RandomElasticTransform in the input pipeline (e.g. dataset.map(layer) "
+        "before batches reach the sharded model), or call elastic_transform with a Python "
+        "float sigma."
+    )
