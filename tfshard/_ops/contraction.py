@@ -8,7 +8,9 @@ dimension model for the left input and batch for the right input"). Layouts
 are not known when a step is traced (one traced function serves every
 layout), so the fix is a layout that cannot mismatch: the contracted dims
 of a matrix used as the right-hand weight (a rank-2 second operand that is
-not read from a variable) are laid out whole first. That is one relayout:
+not read from a variable) are laid out whole first (a DTensor layout may
+keep only one dim's split as it is, so a rank-2 operand is what one
+relayout can do without gathering its other dim). That is one relayout:
 no data moves where they are whole already; a split one is all-gathered,
 then the expander slices it to the left operand's split (sum over the
 contracted dim k of x[.., k] w[k, ..]: each device sums its own k-slice,
@@ -24,6 +26,7 @@ every step.
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
 
 from tfshard import _dtensor
@@ -55,9 +58,7 @@ def _read_from_variable(x, depth=6):
 def _weight_matrix(x):
     """``x`` as a tensor when it is a rank-2 tensor that is not a variable
     read (a matrix used as a weight), else None."""
-    if not is_tensor(x) or isinstance(x, (tf.Variable, tf.SparseTensor)) or (
-        hasattr(x, "path") and hasattr(x, "value")  # a keras.Variable
-    ):
+    if not is_tensor(x) or isinstance(x, (tf.Variable, keras.Variable, tf.SparseTensor)):
         return None
     x = tf.convert_to_tensor(x)
     if x.shape.rank != 2 or _read_from_variable(x):
