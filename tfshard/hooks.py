@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from keras import tree
 
-from tfshard import _dtensor, _keras, recompute
+from tfshard import _dtensor, _keras, recompute, sequence_parallel
 from tfshard.layout import KEEP, validate_spec
 from tfshard.strategy import (
     _computing_on,
@@ -424,4 +424,5 @@ def install():
     _keras.hooks.layer_output = _layer_output
     _keras.hooks.call_scope = _call_scope
     _keras.install(_keras.CORE_PATCHES)
+    sequence_parallel.install()
     _keras.install(_keras.backend_op_patches({k: purpose for k, (_, purpose) in replacements.items()}))

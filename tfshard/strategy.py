@@ -29,6 +29,7 @@ output, and ``"<layer path>/output"`` entries lay out a layer's output.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 
 import keras
@@ -89,8 +90,9 @@ class Strategy:
 
     def __init__(self, mesh, data_axis, tensor_axis, logical_rules, plan, *,
                  optimizer_state_axis=None, zero_stage=None, random_streams="global",
-                 recompute=None):
+                 recompute=None, sequence_parallel=False):
         self._mesh = mesh
+        self._sequence_parallel = sequence_parallel
         self._random_streams = random_streams
         self._recompute = recompute
         if zero_stage is None:
@@ -140,6 +142,12 @@ class Strategy:
     def recompute(self):
         """None, ``"selective"`` or ``"full"``: see :mod:`tfshard.recompute`."""
         return self._recompute
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether column/row/vocab-parallel styles split the sequence
+        between them: see :mod:`tfshard.sequence_parallel`."""
+        return self._sequence_parallel
 
     @property
     def logical_rules(self) -> LogicalRules:
@@ -213,7 +221,10 @@ class Strategy:
         if cached is not None and cached[0] is self:
             return cached[1]
         resolved = resolve_style(self._plan, layer, list(parents))
-        declaration = None if resolved is None else resolved[1].declare(layer)
+        style = None if resolved is None else resolved[1]
+        if self._sequence_parallel and getattr(style, "sequence_parallel", True) is False:
+            style = dataclasses.replace(style, sequence_parallel=True)
+        declaration = None if style is None else style.declare(layer)
         if getattr(layer, "built", False):
             object.__setattr__(layer, "_tfshard_declaration", (self, declaration))
         return declaration
@@ -418,6 +429,7 @@ class StrategyBuilder:
         self._plan = Plan()
         self._random_streams = "global"
         self._recompute = None
+        self._sequence_parallel = False
 
     def _check_axis(self, method, axis):
         if axis not in self._mesh.axis_names:
@@ -458,6 +470,16 @@ class StrategyBuilder:
         layer with active dropout is an error. Applies to layers created in
         the strategy's scope. See :mod:`tfshard.recompute`."""
         self._recompute = check_recompute_mode(mode)
+        return self
+
+    def sequence_parallel(self, enabled=True):
+        """Megatron's sequence parallelism on the tensor axis: between the
+        tensor-parallel regions (norms, dropout, residual adds) activations
+        are split over the sequence (dimension 1) too. Every column-parallel
+        layer all-gathers its input, every row-parallel layer
+        reduce-scatters its output, in place of the all-reduces. See
+        :mod:`tfshard.sequence_parallel`."""
+        self._sequence_parallel = bool(enabled)
         return self
 
     RANDOM_STREAMS = ("global", "per_device")
@@ -562,6 +584,7 @@ class StrategyBuilder:
             zero_stage=self._zero_stage,
             random_streams=self._random_streams,
             recompute=self._recompute,
+            sequence_parallel=self._sequence_parallel,
         )
 
 
