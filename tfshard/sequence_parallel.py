@@ -61,11 +61,13 @@ def layer_call(original, layer, inputs, *args, **kwargs):
     strategy, declaration = declaration
     equation = _equation(layer, inputs.shape.rank)
     _check(strategy, layer, inputs, equation)
-    kernel = keras.ops.convert_to_tensor(layer.kernel)
+    stored = spec_of(layer.kernel)  # None for a LoRA kernel (a tensor)
+    kernel_spec = None if stored is None else strategy.compute_spec(stored)
+    kernel = tf.convert_to_tensor(keras.ops.convert_to_tensor(layer.kernel))  # a value, not the variable
     if declaration.sequence == "gather":
-        x = column_parallel(strategy, inputs, kernel, equation, declaration.outputs)
+        x = column_parallel(strategy, inputs, kernel, kernel_spec, equation, declaration.outputs)
     else:
-        x = row_parallel(strategy, inputs, kernel, equation, declaration.inputs)
+        x = row_parallel(strategy, inputs, kernel, kernel_spec, equation, declaration.inputs)
     if layer.bias is not None:
         x = keras.ops.add(x, layer.bias)
     if layer.activation is not None:
@@ -107,15 +109,16 @@ def gathered(strategy, x, purpose="forward"):
     cache = _GATHERED.setdefault(x.graph, {})
     key = (x.ref(), id(strategy), purpose)
     if key not in cache:
-        cache[key] = tf.stop_gradient(strategy.place(x, _whole_spec(x.shape.rank)))
+        source = x if purpose == "forward" else tf.identity(x)
+        cache[key] = tf.stop_gradient(strategy.place(source, _whole_spec(x.shape.rank)))
     return cache[key]
 
 
-def column_parallel(strategy, x, kernel, equation, output_axes):
-    """``einsum(equation, AG(x), kernel)``; backward ``dx = RS(...)``."""
+def column_parallel(strategy, x, kernel, kernel_spec, equation, output_axes):
+    """``einsum(equation, AG(x), kernel)``; backward ``dx = RS(...)``.
+    ``kernel_spec``: the kernel's layout as the layer computes with it."""
     inputs, kernel_letters, output = _parts(equation)
     whole = gathered(strategy, x)
-    kernel_spec = spec_of(kernel)
     rank = x.shape.rank
 
     @tf.custom_gradient
@@ -129,19 +132,19 @@ def column_parallel(strategy, x, kernel, equation, output_axes):
             # device keeps its tokens (DTensor fuses the pair into one
             # reduce-scatter).
             dx = strategy.place(strategy.place(dx, _whole_spec(rank)), sequence_spec(strategy, rank))
-            again = gathered(strategy, x, "backward")
+            with tf.control_dependencies([dy]):  # gathered again here, not kept from forward
+                again = gathered(strategy, x, "backward")
             dk = tf.einsum(f"{inputs},{output}->{kernel_letters}", again, dy)
-            return dx, strategy.place(dk, kernel_spec)
+            return dx, _pinned(strategy, dk, kernel_spec)
 
         return y, grad
 
     return forward(x, kernel)
 
 
-def row_parallel(strategy, h, kernel, equation, input_axes):
+def row_parallel(strategy, h, kernel, kernel_spec, equation, input_axes):
     """``RS(einsum(equation, h, kernel))``; backward ``dh = AG(dy)·Wᵀ``."""
     inputs, kernel_letters, output = _parts(equation)
-    kernel_spec = spec_of(kernel)
     rank = len(output)
 
     @tf.custom_gradient
@@ -156,11 +159,15 @@ def row_parallel(strategy, h, kernel, equation, input_axes):
             dh = strategy.constrain(tf.einsum(f"{output},{kernel_letters}->{inputs}", dy, kernel),
                                     input_axes)
             dk = tf.einsum(f"{inputs},{output}->{kernel_letters}", h, dy)
-            return dh, strategy.place(dk, kernel_spec)
+            return dh, _pinned(strategy, dk, kernel_spec)
 
         return y, grad
 
     return forward(h, kernel)
+
+
+def _pinned(strategy, dk, spec):
+    return dk if spec is None else strategy.place(dk, spec)
 
 
 def _equation(layer, rank):
