@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfshard import _dtensor, _keras
+from tfshard import context_parallel as _context_parallel
 from tfshard._scope import (  # noqa: F401  (re-exported: the active strategy)
     _computing_on,
     computing_on,
@@ -89,8 +90,9 @@ class Strategy:
 
     def __init__(self, mesh, data_axis, tensor_axis, logical_rules, plan, *,
                  optimizer_state_axis=None, zero_stage=None, random_streams="global",
-                 recompute=None):
+                 recompute=None, context_axis=None):
         self._mesh = mesh
+        self._context_axis = context_axis
         self._random_streams = random_streams
         self._recompute = recompute
         if zero_stage is None:
@@ -128,6 +130,12 @@ class Strategy:
     @property
     def tensor_parallel_size(self) -> int:
         return self._mesh.axis_size(self._tensor_axis) if self._tensor_axis else 1
+
+    @property
+    def context_axis(self):
+        """The mesh axis the sequence is split over (context parallelism,
+        :mod:`tfshard.context_parallel`), or None."""
+        return self._context_axis
 
     @property
     def random_streams(self) -> str:
@@ -236,7 +244,10 @@ class Strategy:
         first = KEEP
         if tf.executing_eagerly() and not _dtensor.is_dtensor(x):
             first = self.batch_spec(tuple(x.shape))[0]
-        return self.place(x, (first,) + (None,) * (rank - 1 - len(axes)) + axes)
+        middle = [None] * (rank - 1 - len(axes))
+        if middle and self._context_axis is not None:  # dim 1: the sequence
+            middle[0] = _context_parallel.activation_sequence_axis(self, x)
+        return self.place(x, (first, *middle) + axes)
 
     def compute_spec(self, spec):
         """The layout a layer computes with, for a weight stored as ``spec``.
@@ -316,6 +327,8 @@ class Strategy:
             shape[0] is None or int(shape[0]) % self.data_parallel_size
         ):
             first = None
+        if rank > 1 and self._context_axis is not None:  # dim 1: the sequence
+            return (first, _context_parallel.sequence_axis(self, shape)) + (None,) * (rank - 2)
         return (first,) + (None,) * (rank - 1)
 
     def place(self, x, spec):
@@ -418,6 +431,7 @@ class StrategyBuilder:
         self._plan = Plan()
         self._random_streams = "global"
         self._recompute = None
+        self._context_axis = None
 
     def _check_axis(self, method, axis):
         if axis not in self._mesh.axis_names:
@@ -458,6 +472,15 @@ class StrategyBuilder:
         layer with active dropout is an error. Applies to layers created in
         the strategy's scope. See :mod:`tfshard.recompute`."""
         self._recompute = check_recompute_mode(mode)
+        return self
+
+    def context_parallel(self, axis):
+        """Split the sequence (dimension 1 of batches and activations) over
+        mesh axis ``axis``; attention gathers keys and values over it (see
+        :mod:`tfshard.context_parallel`). Composes with data and tensor
+        parallelism on their own axes."""
+        self._check_axis("context_parallel", axis)
+        self._context_axis = axis
         return self
 
     RANDOM_STREAMS = ("global", "per_device")
@@ -553,6 +576,7 @@ class StrategyBuilder:
                 f"data_parallel and tensor_parallel both use mesh axis "
                 f"{self._data_axis!r}; give each its own axis."
             )
+        _context_parallel.check_axes(self._context_axis, self._data_axis, self._tensor_axis)
         check_combination(self._optimizer_state_axis, self._zero_stage, self._data_axis)
         rules = completed_rules(self._rules, self._data_axis, self._tensor_axis)
         rules.check_axes(self._mesh)
@@ -562,6 +586,7 @@ class StrategyBuilder:
             zero_stage=self._zero_stage,
             random_streams=self._random_streams,
             recompute=self._recompute,
+            context_axis=self._context_axis,
         )
 
 
