@@ -27,6 +27,21 @@ import numpy as np
 ANSWER = "@@"
 
 
+class StepTimer(keras.callbacks.Callback):
+    """Records each training batch's end time (wall and CPU) and running loss;
+    the parent (``bench_llama``) uses it too, so every run is timed alike."""
+
+    def on_train_begin(self, logs=None):
+        self.times = [time.perf_counter()]
+        self.cpu = [time.process_time()]
+        self.losses = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        self.losses.append(float(logs["loss"]))
+
+
 def answer(obj):
     sys.stdout.write(ANSWER + json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -63,17 +78,6 @@ def main():
         shard = v.value.addressable_shards[0].data
         per_device += shard.size * shard.dtype.itemsize
 
-    class Timer(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.times = [time.perf_counter()]
-            self.cpu = [time.process_time()]
-            self.losses = []
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.times.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-            self.losses.append(float(logs["loss"]))
-
     answer({"ready": True, "per_device_weight_bytes": int(per_device)})
     start = 0
     for line in sys.stdin:
@@ -85,7 +89,7 @@ def main():
             start = 0
         part = slice(start, start + rows)
         start += rows
-        timer = Timer()
+        timer = StepTimer()
         model.fit({k: v[part] for k, v in x.items()}, y[part], batch_size=batch, epochs=1,
                   shuffle=False, verbose=0, callbacks=[timer])
         slots = sum(

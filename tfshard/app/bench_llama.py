@@ -108,26 +108,6 @@ def build_llama(config, mesh_shape=None):
     return model
 
 
-class _Timer:
-    """A Keras callback recording each batch's end time and running loss."""
-
-    def __new__(cls):
-        import keras
-
-        class Timer(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.times = [time.perf_counter()]
-                self.cpu = [time.process_time()]
-                self.losses = []
-
-            def on_train_batch_end(self, batch, logs=None):
-                self.times.append(time.perf_counter())
-                self.cpu.append(time.process_time())
-                self.losses.append(float(logs["loss"]))
-
-        return Timer()
-
-
 class _TensorFlowRun:
     def __init__(self, model, x, y, batch_size):
         self.model, self.x, self.y, self.batch = model, x, y, batch_size
@@ -139,7 +119,9 @@ class _TensorFlowRun:
             self.start = 0
         part = slice(self.start, self.start + rows)
         self.start += rows
-        timer = _Timer()
+        from tfshard.app._jax_llama import StepTimer  # Keras + keras-hub only: the JAX child's timer
+
+        timer = StepTimer()
         self.model.fit({k: v[part] for k, v in self.x.items()}, self.y[part],
                        batch_size=self.batch, epochs=1, shuffle=False, verbose=0,
                        callbacks=[timer])
