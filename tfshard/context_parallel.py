@@ -167,7 +167,8 @@ def _sequence_split_operand(x1):
     strategy = mesh_computation()
     return (
         strategy is not None
-        and getattr(strategy, "context_axis", None) is not None
+        and (getattr(strategy, "context_axis", None) is not None
+             or getattr(strategy, "sequence_parallel", False))  # Megatron-SP splits it too
         and _on_mesh(x1)
         and len(x1.shape) >= 3
     )

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from keras import tree
 
-from tfshard import _dtensor, _keras, context_parallel, recompute
+from tfshard import _dtensor, _keras, context_parallel, recompute, sequence_parallel
 from tfshard.layout import KEEP, validate_spec
 from tfshard.strategy import (
     _computing_on,
@@ -255,13 +255,22 @@ def _layer_output(layer, outputs):
     if strategy is None:
         return outputs
     if declaration is not None and declaration.outputs is not None:
+        has_bias = getattr(layer, "bias", None) is not None
         outputs = tree.map_structure(
-            lambda y: strategy.constrain(y, declaration.outputs) if _on_mesh_value(y) else y,
+            lambda y: _constrain_output(strategy, declaration, y, has_bias) if _on_mesh_value(y) else y,
             outputs,
         )
     if not strategy.plan.has_outputs() or _keras.keras_distribution() is not None:
         return outputs
     return _constrain_outputs(strategy, _keras.layer_path(layer) + "/output", outputs)
+
+
+def _constrain_output(strategy, declaration, y, layer_has_bias):
+    axis = sequence_parallel.output_sequence_axis(strategy, declaration, y)
+    if axis is not None:  # Megatron-SP: reduce-scatter over the sequence
+        return sequence_parallel.scatter_sequence(
+            strategy, y, declaration.outputs, axis, after_bias=layer_has_bias)
+    return strategy.constrain(y, declaration.outputs)
 
 
 def _on_mesh_value(y):

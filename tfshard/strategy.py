@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from tfshard import _dtensor, _keras
 from tfshard import context_parallel as _context_parallel
+from tfshard import sequence_parallel as _sequence_parallel
 from tfshard._scope import (  # noqa: F401  (re-exported: the active strategy)
     _computing_on,
     computing_on,
@@ -90,8 +91,9 @@ class Strategy:
 
     def __init__(self, mesh, data_axis, tensor_axis, logical_rules, plan, *,
                  optimizer_state_axis=None, zero_stage=None, random_streams="global",
-                 recompute=None, context_axis=None):
+                 recompute=None, context_axis=None, sequence_parallel=False):
         self._mesh = mesh
+        self._sequence_parallel = sequence_parallel
         self._context_axis = context_axis
         self._random_streams = random_streams
         self._recompute = recompute
@@ -136,6 +138,12 @@ class Strategy:
         """The mesh axis the sequence is split over (context parallelism,
         :mod:`tfshard.context_parallel`), or None."""
         return self._context_axis
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Megatron's sequence parallelism on the tensor axis (see
+        :mod:`tfshard.sequence_parallel`)."""
+        return self._sequence_parallel
 
     @property
     def random_streams(self) -> str:
@@ -226,28 +234,36 @@ class Strategy:
             object.__setattr__(layer, "_tfshard_declaration", (self, declaration))
         return declaration
 
-    def constrain(self, x, trailing):
-        """Lay out activation ``x``: dimension 0 (the batch) keeps its split,
-        the trailing ``len(trailing)`` dimensions take the *logical* axes
-        ``trailing`` (mapped by the rules) and the dimensions between are
-        whole. Eager host values get the batch split; symbolic (Keras
-        construction) values pass through. DTensor allows "keep this
-        dimension's split" on one dimension only, hence the batch alone."""
+    def constrain(self, x, trailing, *, sequence=None):
+        """Lay out activation ``x`` as :meth:`constrain_spec` says. Eager host
+        values get the batch split; symbolic (Keras construction) values
+        pass through."""
         if isinstance(x, keras.KerasTensor) or not isinstance(x, (tf.Tensor, tf.Variable, np.ndarray)):
             return x
-        rank = len(x.shape)
-        if rank == 0:
+        if len(x.shape) == 0:
             return x
+        return self.place(x, self.constrain_spec(x, trailing, sequence=sequence))
+
+    def constrain_spec(self, x, trailing, *, sequence=None):
+        """The spec :meth:`constrain` gives ``x``: dimension 0 (the batch)
+        keeps its split, the trailing ``len(trailing)`` dimensions take the
+        *logical* axes ``trailing`` (mapped by the rules), dimension 1 (the
+        sequence) takes ``sequence`` or the context axis, and the other
+        dimensions between are whole. DTensor allows "keep this dimension's
+        split" on one dimension only, hence the batch alone."""
+        rank = len(x.shape)
         axes = tuple(self._logical_rules.axis_for(a) for a in trailing)
         if len(axes) >= rank:  # no batch dim left to keep
-            return self.place(x, axes[len(axes) - rank:])
+            return axes[len(axes) - rank:]
         first = KEEP
         if tf.executing_eagerly() and not _dtensor.is_dtensor(x):
             first = self.batch_spec(tuple(x.shape))[0]
         middle = [None] * (rank - 1 - len(axes))
-        if middle and self._context_axis is not None:  # dim 1: the sequence
+        if middle and sequence is not None:  # dim 1 (the sequence) split over it
+            middle[0] = sequence
+        elif middle and self._context_axis is not None:
             middle[0] = _context_parallel.activation_sequence_axis(self, x)
-        return self.place(x, (first, *middle) + axes)
+        return (first, *middle) + axes
 
     def compute_spec(self, spec):
         """The layout a layer computes with, for a weight stored as ``spec``.
@@ -432,6 +448,7 @@ class StrategyBuilder:
         self._random_streams = "global"
         self._recompute = None
         self._context_axis = None
+        self._sequence_parallel = False
 
     def _check_axis(self, method, axis):
         if axis not in self._mesh.axis_names:
@@ -481,6 +498,15 @@ class StrategyBuilder:
         parallelism on their own axes."""
         self._check_axis("context_parallel", axis)
         self._context_axis = axis
+        return self
+
+    def sequence_parallel(self):
+        """Megatron's sequence parallelism on the tensor axis: between
+        tensor-parallel layers (norms, dropout, residuals) the sequence is
+        split over it; the all-reduce leaving a tensor-parallel region
+        becomes a reduce-scatter, entering one all-gathers. See
+        :mod:`tfshard.sequence_parallel`."""
+        self._sequence_parallel = True
         return self
 
     RANDOM_STREAMS = ("global", "per_device")
@@ -577,6 +603,7 @@ class StrategyBuilder:
                 f"{self._data_axis!r}; give each its own axis."
             )
         _context_parallel.check_axes(self._context_axis, self._data_axis, self._tensor_axis)
+        _sequence_parallel.check(self._sequence_parallel, self._tensor_axis, self._context_axis)
         check_combination(self._optimizer_state_axis, self._zero_stage, self._data_axis)
         rules = completed_rules(self._rules, self._data_axis, self._tensor_axis)
         rules.check_axes(self._mesh)
@@ -587,6 +614,7 @@ class StrategyBuilder:
             random_streams=self._random_streams,
             recompute=self._recompute,
             context_axis=self._context_axis,
+            sequence_parallel=self._sequence_parallel,
         )
 
 
