@@ -2,11 +2,13 @@
 
 * Dependencies point one way: the import graph of tfshard's modules (every
   import, lazy ones in functions included) has no cycle; ``tensors`` and
-  ``report`` sit below ``strategy``, which sits below ``layers`` and
+  ``report`` sit below ``strategy`` (the builder, and ``_strategy``, the
+  Strategy class it re-exports), which sits below ``layers`` and
   ``interop``.
 * The application (``tfshard.app``) sits on the library, which never
   imports it.
-* Only ``tfshard._dtensor`` imports DTensor.
+* Only the ``tfshard._dtensor`` package imports DTensor, and the rest of
+  tfshard reaches it through the package, never a submodule.
 * Only ``tfshard._keras`` imports ``keras.src`` or touches the Keras
   internals tfshard relies on; the rest goes through its accessors.
 * Unsupported requests and bad per-process input raise tfshard errors that
@@ -99,6 +101,11 @@ def imports_of(name):
 IMPORT_GRAPH = {name: imports_of(name) for name in MODULE_NAMES}
 
 
+def boundary_modules(package):
+    """``package`` (a module or a package) and every module inside it."""
+    return {name for name in MODULE_NAMES if name == package or name.startswith(package + ".")}
+
+
 def import_cycles(graph):
     """The strongly connected components of ``graph`` with more than one
     module (each holds at least one cycle), as sorted tuples (Tarjan)."""
@@ -173,8 +180,9 @@ def test_the_library_never_imports_the_application():
     assert loaded == "[]"
 
 
-def test_strategy_imports_no_higher_module():
-    tree = tree_of(PACKAGE / "strategy.py")
+@pytest.mark.parametrize("module", ["strategy.py", "_strategy.py"])  # the builder; the Strategy class
+def test_strategy_imports_no_higher_module(module):
+    tree = tree_of(PACKAGE / module)
     top = set(imported_modules(tree, module_level_only=True))
     assert not {m for m in top if m.startswith(("tfshard.interop", "tfshard.layers", "tfshard.training"))}
     anywhere = set(imported_modules(tree, module_level_only=False))
@@ -185,7 +193,9 @@ def test_report_sits_below_strategy():
     assert IMPORT_GRAPH["tfshard.report"] <= {
         "tfshard._dtensor", "tfshard._scope", "tfshard.errors", "tfshard.layout", "tfshard.tensors",
     }
-    assert "tfshard.report" in IMPORT_GRAPH["tfshard.strategy"]  # Strategy.describe
+    assert "tfshard.report" in IMPORT_GRAPH["tfshard._strategy"]  # Strategy.describe
+    assert "tfshard._strategy" in IMPORT_GRAPH["tfshard.strategy"]  # which re-exports Strategy
+    assert "tfshard.strategy" not in IMPORT_GRAPH["tfshard._strategy"]
 
 
 def test_from_keras_and_describe_keep_working_without_upward_imports():
@@ -230,10 +240,16 @@ def test_only_the_dtensor_boundary_imports_dtensor():
                 if isinstance(owner, ast.Attribute) and owner.attr == "experimental":
                     yield "tf.experimental.dtensor"
 
-    assert list(dtensor_imports(tree_of(PACKAGE / "_dtensor.py")))  # the check sees its imports
+    boundary = boundary_modules("tfshard._dtensor")
+    assert {"tfshard._dtensor", "tfshard._dtensor.layouts"} <= boundary
+    for name in boundary - {"tfshard._dtensor"}:  # the check sees every submodule's imports
+        assert list(dtensor_imports(tree_of(MODULE_NAMES[name]))), name
     users = {name: sorted(set(dtensor_imports(tree_of(path))))
-             for name, path in MODULE_NAMES.items() if name != "tfshard._dtensor"}
+             for name, path in MODULE_NAMES.items() if name not in boundary}
     assert not {name: found for name, found in users.items() if found}
+    reaching_in = {name: sorted(IMPORT_GRAPH[name] & (boundary - {"tfshard._dtensor"}))
+                   for name in MODULE_NAMES if name not in boundary}
+    assert not {name: found for name, found in reaching_in.items() if found}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
