@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfshard import _dtensor, _keras
+from tfshard import context_parallel as _context_parallel
 from tfshard._scope import current_strategy
 from tfshard._scope import pop as _pop_scope
 from tfshard._scope import push as _push_scope
@@ -37,8 +38,9 @@ class Strategy:
 
     def __init__(self, mesh, data_axis, tensor_axis, logical_rules, plan, *,
                  optimizer_state_axis=None, zero_stage=None, random_streams="global",
-                 recompute=None, sequence_parallel=False):
+                 recompute=None, context_axis=None, sequence_parallel=False):
         self._mesh = mesh
+        self._context_axis = context_axis
         self._sequence_parallel = sequence_parallel
         self._random_streams = random_streams
         self._recompute = recompute
@@ -77,6 +79,12 @@ class Strategy:
     @property
     def tensor_parallel_size(self) -> int:
         return self._mesh.axis_size(self._tensor_axis) if self._tensor_axis else 1
+
+    @property
+    def context_axis(self):
+        """The mesh axis the sequence is split over (context parallelism,
+        :mod:`tfshard.context_parallel`), or None."""
+        return self._context_axis
 
     @property
     def random_streams(self) -> str:
@@ -177,24 +185,33 @@ class Strategy:
         return declaration
 
     def constrain(self, x, trailing):
-        """Lay out activation ``x``: dimension 0 (the batch) keeps its split,
-        the trailing ``len(trailing)`` dimensions take the *logical* axes
-        ``trailing`` (mapped by the rules) and the dimensions between are
-        whole. Eager host values get the batch split; symbolic (Keras
-        construction) values pass through. DTensor allows "keep this
-        dimension's split" on one dimension only, hence the batch alone."""
+        """Lay out activation ``x`` as :meth:`constrain_spec` says. Eager host
+        values get the batch split; symbolic (Keras construction) values
+        pass through."""
         if isinstance(x, keras.KerasTensor) or not isinstance(x, (tf.Tensor, tf.Variable, np.ndarray)):
             return x
-        rank = len(x.shape)
-        if rank == 0:
+        if len(x.shape) == 0:
             return x
+        return self.place(x, self.constrain_spec(x, trailing))
+
+    def constrain_spec(self, x, trailing):
+        """The spec :meth:`constrain` gives ``x``: dimension 0 (the batch)
+        keeps its split, the trailing ``len(trailing)`` dimensions take the
+        *logical* axes ``trailing`` (mapped by the rules), dimension 1 (the
+        sequence) takes the context axis, and the other
+        dimensions between are whole. DTensor allows "keep this dimension's
+        split" on one dimension only, hence the batch alone."""
+        rank = len(x.shape)
         axes = tuple(self._logical_rules.axis_for(a) for a in trailing)
         if len(axes) >= rank:  # no batch dim left to keep
-            return self.place(x, axes[len(axes) - rank:])
+            return axes[len(axes) - rank:]
         first = KEEP
         if tf.executing_eagerly() and not _dtensor.is_dtensor(x):
             first = self.batch_spec(tuple(x.shape))[0]
-        return self.place(x, (first,) + (None,) * (rank - 1 - len(axes)) + axes)
+        middle = [None] * (rank - 1 - len(axes))
+        if middle and self._context_axis is not None:  # dim 1: the sequence
+            middle[0] = _context_parallel.activation_sequence_axis(self, x)
+        return (first, *middle) + axes
 
     def compute_spec(self, spec):
         """The layout a layer computes with, for a weight stored as ``spec``.
@@ -274,6 +291,8 @@ class Strategy:
             shape[0] is None or int(shape[0]) % self.data_parallel_size
         ):
             first = None
+        if rank > 1 and self._context_axis is not None:  # dim 1: the sequence
+            return (first, _context_parallel.sequence_axis(self, shape)) + (None,) * (rank - 2)
         return (first,) + (None,) * (rank - 1)
 
     def place(self, x, spec):

@@ -40,7 +40,7 @@ import keras
 import tensorflow as tf
 
 from tfshard import _keras
-from tfshard.errors import ShardingError
+from tfshard.errors import ShardingError, StrategyError
 from tfshard.layout import KEEP
 from tfshard.tensors import spec_of
 
@@ -73,6 +73,22 @@ def layer_call(original, layer, inputs, *args, **kwargs):
     if layer.activation is not None:
         x = layer.activation(x)
     return x
+
+
+def check(enabled, tensor_axis, context_axis):
+    """``StrategyBuilder.build``'s check of ``sequence_parallel()``."""
+    if not enabled:
+        return
+    if tensor_axis is None:
+        raise StrategyError(
+            "sequence_parallel(): it splits the sequence over the tensor axis, and the "
+            "strategy has none; call tensor_parallel(axis) too, or drop sequence_parallel()."
+        )
+    if context_axis is not None:
+        raise StrategyError(
+            f"sequence_parallel() with context_parallel({context_axis!r}): both split "
+            "dimension 1 (the sequence), over different axes; use one of them."
+        )
 
 
 def _sequence_declaration(layer, inputs):
