@@ -78,7 +78,7 @@ def vocab_parallel_sparse_categorical_crossentropy(
     log_sum_exp = ops.log(ops.sum(ops.exp(shifted), axis=-1))
     # The label's logit: only its owner holds a True; all-reduce (sum).
     hit = ops.equal(ops.expand_dims(labels, -1), _vocab_ids(logits, logical_dim))
-    target = ops.sum(ops.where(hit, shifted, ops.zeros_like(shifted)), axis=-1)
+    target = ops.sum(ops.where(hit, shifted, 0.0), axis=-1)
     losses = log_sum_exp - target
     if valid is not None:
         losses = ops.where(valid, losses, ops.zeros_like(losses))
