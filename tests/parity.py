@@ -24,9 +24,10 @@ from tfshard import comm
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def strategy_for(shape, *, rules=None, plan=None, shards=()):
+def strategy_for(shape, *, rules=None, plan=None, shards=(), sequence_parallel=False):
     mesh = tfshard.Mesh({"batch": shape[0], "model": shape[1]})
     builder = tfshard.StrategyBuilder(mesh).data_parallel("batch").tensor_parallel("model")
+    builder.sequence_parallel(sequence_parallel)
     if rules:
         builder.rules(rules)
     if plan:

@@ -6,6 +6,8 @@ gives the unsharded layer's output to the bit, because every draw is made
 at its global shape and each device keeps its slice (``random_streams=
 "global"``, the default)."""
 
+import random
+
 import keras
 import numpy as np
 import pytest
@@ -42,8 +44,8 @@ LAYERS = {
 
 
 # keras.layers' random augmentation layers (all of Keras 3.15 but
-# RandomElasticTransform, whose traced call on a mesh did not finish in 10
-# minutes), on images of 8 channels (any split) or RGB (3 channels: batch
+# RandomElasticTransform, a clear error on a mesh: see
+# test_elastic_transform_with_a_drawn_sigma_is_a_clear_error), on images of 8 channels (any split) or RGB (3 channels: batch
 # splits only).
 RGB = rng.uniform(0, 255, size=(4, 8, 8, 3)).astype("float32")
 AUGMENTATIONS = {
@@ -71,11 +73,12 @@ RGB_AUGMENTATIONS = {
         value_range=(0, 255), brightness_factor=0.2, contrast_factor=0.2, saturation_factor=0.2,
         hue_factor=0.2, seed=1),
     "RandomSharpness": lambda: L.RandomSharpness(0.5, value_range=(0, 255), seed=1),
+    "RandAugment": lambda: L.RandAugment(value_range=(0, 255), seed=1),
 }
-# RandAugment picks its operations with keras.ops.nonzero (a value-dependent
-# shape): a clear error on a mesh; it belongs in the input pipeline. (AugMix
-# also picks by value; whether a draw reaches nonzero depends on the draw.)
-PIPELINE_ONLY = {"RandAugment": lambda: L.RandAugment(value_range=(0, 255), seed=1)}
+# RandAugment runs every operation and keeps the drawn ones with where();
+# AugMix picks its operations with Python's random module (see
+# test_augmix_draws_one_device_numbers). Both reach Equalization, whose
+# nonzero() and bincount tfshard replaces on a mesh (tfshard/_ops/images.py).
 
 
 def strategy_for(shape):
@@ -192,16 +195,52 @@ def test_color_augmentation_layer_draws_one_device_numbers(name):
     _check_augmentation(RGB_AUGMENTATIONS[name], RGB, LAYOUTS[0])  # RGB: split the batch
 
 
-@pytest.mark.parametrize("name", sorted(PIPELINE_ONLY))
-def test_augmentation_choosing_ops_by_value_is_a_clear_error_on_a_mesh(name):
+def _augmix_seed_with(name, tries=50):
+    """A Python random seed for which AugMix's chains include ``name``
+    (AugMix picks its operations with Python's ``random`` module)."""
+    layer = L.AugMix(value_range=(0, 255), seed=1)
+    for seed in range(tries):
+        random.seed(seed)
+        chains = layer.get_random_transformation(RGB, training=True)["chain_transforms"]
+        if any(step["layer_name"] == name for chain in chains for step in chain):
+            return seed
+    raise AssertionError(f"no seed below {tries} picks {name}")
+
+
+@pytest.mark.parametrize("name", ["Equalization", "AugMix"])
+def test_augmix_draws_one_device_numbers(name):
+    """Equalization (on TensorFlow it finds the first nonzero histogram bin
+    with nonzero(), a value-dependent shape, and counts bins with bincount,
+    a run-time length) equals one device on a mesh, and so does AugMix with
+    a draw whose chains include it."""
+    if name == "Equalization":
+        make, seed = (lambda: L.Equalization(value_range=(0, 255))), 0
+    else:
+        make, seed = (lambda: L.AugMix(value_range=(0, 255), seed=1)), _augmix_seed_with("equalization")
+    random.seed(seed)
+    expected = np.asarray(make()(RGB, training=True))
     strategy = strategy_for((2, 4))
     with strategy.scope():
-        layer = PIPELINE_ONLY[name]()
+        layer = make()
+    random.seed(seed)
+    got = traced_on_mesh(strategy, lambda t: layer(t, training=True), RGB, ("batch", None, None, None))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)  # pixel values up to 255
+    assert not np.allclose(got, RGB)
 
-    @tf.function(autograph=False)  # as Keras traces its steps
+
+def test_elastic_transform_with_a_drawn_sigma_is_a_clear_error():
+    """RandomElasticTransform draws its blur's sigma, so the kernel size is a
+    run-time shape DTensor cannot lay out: a clear error when the step is
+    traced (the raw DTensor error took TensorFlow minutes to format)."""
+    strategy = strategy_for((2, 4))
+    with strategy.scope():
+        layer = L.RandomElasticTransform(factor=1.0, scale=1.0, value_range=(0, 255), seed=1)
+
+    @tf.function(autograph=False)
     def run(x):
         with strategy.scope():
             return layer(x, training=True)
 
-    with pytest.raises(tfshard.errors.UnsupportedFeatureError, match="nonzero.*input pipeline"):
+    with pytest.raises(tfshard.errors.UnsupportedFeatureError, match="sigma.*input pipeline") as err:
         run(strategy.place(RGB, ("batch", None, None, None)))
+    assert "UnknownError" not in str(err.value) and "MLIR" not in str(err.value)

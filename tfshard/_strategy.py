@@ -12,6 +12,7 @@ it; ``tfshard.strategy`` re-exports it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 
 import keras
@@ -19,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfshard import _dtensor, _keras
+from tfshard import context_parallel as _context_parallel
 from tfshard._scope import current_strategy
 from tfshard._scope import pop as _pop_scope
 from tfshard._scope import push as _push_scope
@@ -36,8 +38,10 @@ class Strategy:
 
     def __init__(self, mesh, data_axis, tensor_axis, logical_rules, plan, *,
                  optimizer_state_axis=None, zero_stage=None, random_streams="global",
-                 recompute=None):
+                 recompute=None, context_axis=None, sequence_parallel=False):
         self._mesh = mesh
+        self._context_axis = context_axis
+        self._sequence_parallel = sequence_parallel
         self._random_streams = random_streams
         self._recompute = recompute
         if zero_stage is None:
@@ -77,6 +81,12 @@ class Strategy:
         return self._mesh.axis_size(self._tensor_axis) if self._tensor_axis else 1
 
     @property
+    def context_axis(self):
+        """The mesh axis the sequence is split over (context parallelism,
+        :mod:`tfshard.context_parallel`), or None."""
+        return self._context_axis
+
+    @property
     def random_streams(self) -> str:
         """``"global"``: random ops draw what one device draws (see
         :meth:`StrategyBuilder.random_streams`); ``"per_device"``: DTensor's
@@ -87,6 +97,12 @@ class Strategy:
     def recompute(self):
         """None, ``"selective"`` or ``"full"``: see :mod:`tfshard.recompute`."""
         return self._recompute
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Whether column/row/vocab-parallel styles split the sequence
+        between them: see :mod:`tfshard.sequence_parallel`."""
+        return self._sequence_parallel
 
     @property
     def logical_rules(self) -> LogicalRules:
@@ -160,30 +176,42 @@ class Strategy:
         if cached is not None and cached[0] is self:
             return cached[1]
         resolved = resolve_style(self._plan, layer, list(parents))
-        declaration = None if resolved is None else resolved[1].declare(layer)
+        style = None if resolved is None else resolved[1]
+        if self._sequence_parallel and getattr(style, "sequence_parallel", True) is False:
+            style = dataclasses.replace(style, sequence_parallel=True)
+        declaration = None if style is None else style.declare(layer)
         if getattr(layer, "built", False):
             object.__setattr__(layer, "_tfshard_declaration", (self, declaration))
         return declaration
 
     def constrain(self, x, trailing):
-        """Lay out activation ``x``: dimension 0 (the batch) keeps its split,
-        the trailing ``len(trailing)`` dimensions take the *logical* axes
-        ``trailing`` (mapped by the rules) and the dimensions between are
-        whole. Eager host values get the batch split; symbolic (Keras
-        construction) values pass through. DTensor allows "keep this
-        dimension's split" on one dimension only, hence the batch alone."""
+        """Lay out activation ``x`` as :meth:`constrain_spec` says. Eager host
+        values get the batch split; symbolic (Keras construction) values
+        pass through."""
         if isinstance(x, keras.KerasTensor) or not isinstance(x, (tf.Tensor, tf.Variable, np.ndarray)):
             return x
-        rank = len(x.shape)
-        if rank == 0:
+        if len(x.shape) == 0:
             return x
+        return self.place(x, self.constrain_spec(x, trailing))
+
+    def constrain_spec(self, x, trailing):
+        """The spec :meth:`constrain` gives ``x``: dimension 0 (the batch)
+        keeps its split, the trailing ``len(trailing)`` dimensions take the
+        *logical* axes ``trailing`` (mapped by the rules), dimension 1 (the
+        sequence) takes the context axis, and the other
+        dimensions between are whole. DTensor allows "keep this dimension's
+        split" on one dimension only, hence the batch alone."""
+        rank = len(x.shape)
         axes = tuple(self._logical_rules.axis_for(a) for a in trailing)
         if len(axes) >= rank:  # no batch dim left to keep
-            return self.place(x, axes[len(axes) - rank:])
+            return axes[len(axes) - rank:]
         first = KEEP
         if tf.executing_eagerly() and not _dtensor.is_dtensor(x):
             first = self.batch_spec(tuple(x.shape))[0]
-        return self.place(x, (first,) + (None,) * (rank - 1 - len(axes)) + axes)
+        middle = [None] * (rank - 1 - len(axes))
+        if middle and self._context_axis is not None:  # dim 1: the sequence
+            middle[0] = _context_parallel.activation_sequence_axis(self, x)
+        return (first, *middle) + axes
 
     def compute_spec(self, spec):
         """The layout a layer computes with, for a weight stored as ``spec``.
@@ -263,6 +291,8 @@ class Strategy:
             shape[0] is None or int(shape[0]) % self.data_parallel_size
         ):
             first = None
+        if rank > 1 and self._context_axis is not None:  # dim 1: the sequence
+            return (first, _context_parallel.sequence_axis(self, shape)) + (None,) * (rank - 2)
         return (first,) + (None,) * (rank - 1)
 
     def place(self, x, spec):

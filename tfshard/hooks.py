@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from keras import tree
 
-from tfshard import _dtensor, _keras, recompute
+from tfshard import _dtensor, _keras, context_parallel, recompute, sequence_parallel
 from tfshard.layout import KEEP, validate_spec
 from tfshard.strategy import (
     _computing_on,
@@ -91,6 +91,7 @@ def _layer_created(layer):
             return build(*args, **kwargs)
 
     object.__setattr__(layer, "build", build_in_scope)
+    context_parallel.prepare(layer, strategy)  # before recompute: it recomputes the gathers too
     if strategy.recompute is not None:
         recompute.prepare(layer, strategy.recompute)
 
@@ -414,6 +415,14 @@ def install():
         ("nn", "depthwise_conv"): (_gathered_op, conv),
         ("nn", "separable_conv"): (_gathered_op, conv),
         ("nn", "conv_transpose"): (_gathered_op, conv),
+        ("numpy", "matmul"): (
+            context_parallel.matmul,
+            "context parallelism: Dense keeps the sequence split (tensordot's reshape gathers it)",
+        ),
+        ("numpy", "add"): (
+            context_parallel.add,
+            "context parallelism: bias adds keep the sequence split (DTensor's BiasAdd gathers it)",
+        ),
         ("numpy", "take"): (
             _take, "a table split by rows: a masked local lookup, no gather of the table"
         ),
@@ -424,4 +433,5 @@ def install():
     _keras.hooks.layer_output = _layer_output
     _keras.hooks.call_scope = _call_scope
     _keras.install(_keras.CORE_PATCHES)
+    sequence_parallel.install()
     _keras.install(_keras.backend_op_patches({k: purpose for k, (_, purpose) in replacements.items()}))

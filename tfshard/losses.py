@@ -93,7 +93,7 @@ def split_class_crossentropy(labels, logits, mesh_axis=None, logical_dim="vocab"
     log_sum_exp = ops.log(ops.sum(ops.exp(shifted), axis=-1))
     # The label's logit: only its owner holds a True; all-reduce (sum).
     hit = ops.equal(ops.expand_dims(labels, -1), _vocab_ids(logits, logical_dim, mesh_axis))
-    target = ops.sum(ops.where(hit, shifted, ops.zeros_like(shifted)), axis=-1)
+    target = ops.sum(ops.where(hit, shifted, 0.0), axis=-1)
     return log_sum_exp - target
 
 

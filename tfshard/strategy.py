@@ -32,6 +32,8 @@ This module holds the builder; the :class:`Strategy` it builds is defined in
 from __future__ import annotations
 
 from tfshard import _keras
+from tfshard import context_parallel as _context_parallel
+from tfshard import sequence_parallel as _sequence_parallel
 from tfshard._scope import (  # noqa: F401  (re-exported: the active strategy)
     _computing_on,
     computing_on,
@@ -112,6 +114,8 @@ class StrategyBuilder:
         self._plan = Plan()
         self._random_streams = "global"
         self._recompute = None
+        self._context_axis = None
+        self._sequence_parallel = False
 
     def _check_axis(self, method, axis):
         if axis not in self._mesh.axis_names:
@@ -152,6 +156,25 @@ class StrategyBuilder:
         layer with active dropout is an error. Applies to layers created in
         the strategy's scope. See :mod:`tfshard.recompute`."""
         self._recompute = check_recompute_mode(mode)
+        return self
+
+    def context_parallel(self, axis):
+        """Split the sequence (dimension 1 of batches and activations) over
+        mesh axis ``axis``; attention gathers keys and values over it (see
+        :mod:`tfshard.context_parallel`). Composes with data and tensor
+        parallelism on their own axes."""
+        self._check_axis("context_parallel", axis)
+        self._context_axis = axis
+        return self
+
+    def sequence_parallel(self, enabled=True):
+        """Megatron's sequence parallelism on the tensor axis: between the
+        tensor-parallel regions (norms, dropout, residual adds) activations
+        are split over the sequence (dimension 1) too. Every column-parallel
+        layer all-gathers its input, every row-parallel layer
+        reduce-scatters its output, in place of the all-reduces. See
+        :mod:`tfshard.sequence_parallel`."""
+        self._sequence_parallel = bool(enabled)
         return self
 
     RANDOM_STREAMS = ("global", "per_device")
@@ -247,6 +270,8 @@ class StrategyBuilder:
                 f"data_parallel and tensor_parallel both use mesh axis "
                 f"{self._data_axis!r}; give each its own axis."
             )
+        _context_parallel.check_axes(self._context_axis, self._data_axis, self._tensor_axis)
+        _sequence_parallel.check(self._sequence_parallel, self._tensor_axis, self._context_axis)
         check_combination(self._optimizer_state_axis, self._zero_stage, self._data_axis)
         rules = completed_rules(self._rules, self._data_axis, self._tensor_axis)
         rules.check_axes(self._mesh)
@@ -256,6 +281,8 @@ class StrategyBuilder:
             zero_stage=self._zero_stage,
             random_streams=self._random_streams,
             recompute=self._recompute,
+            context_axis=self._context_axis,
+            sequence_parallel=self._sequence_parallel,
         )
 
 

@@ -51,12 +51,17 @@ class Declaration:
     dimension but the batch whole"; ``None`` leaves the activation alone.
     ``sublayers``: sublayer name -> its style (a composite style, such as
     attention, splits a layer through its sublayers).
+    ``sequence``: sequence parallelism (:mod:`tfshard.sequence_parallel`):
+    ``"gather"``, the input arrives split over the sequence (dimension 1) on
+    the tensor axis and is all-gathered for the layer; ``"scatter"``, the
+    output leaves reduce-scattered over it. None: no sequence split.
     """
 
     weights: Mapping = dataclasses.field(default_factory=dict)
     inputs: tuple | None = None
     outputs: tuple | None = None
     sublayers: Mapping = dataclasses.field(default_factory=dict)
+    sequence: str | None = None
 
 
 class Style:
@@ -123,11 +128,14 @@ class ColumnParallel(Style):
     output stays split on that dimension (``gather_output=True`` gathers it
     whole). Collectives: none forward; the input gradient is all-reduced
     backward (Megatron's *f*). ``hidden`` names the contracted (model)
-    dimension of the kernel (None: no name)."""
+    dimension of the kernel (None: no name). ``sequence_parallel=True``:
+    the input arrives split over the sequence and is all-gathered (backward:
+    the input gradient is reduce-scattered instead of all-reduced)."""
 
     dim: str = "d_ff"
     gather_output: bool = False
     hidden: str | None = None
+    sequence_parallel: bool = False
 
     def declare(self, layer):
         return self.declare_einsum(*_einsum_parts(layer))
@@ -138,6 +146,8 @@ class ColumnParallel(Style):
         if bias is not None:
             weights["bias"] = tuple(self.dim if letter == split else None for letter in bias)
         outputs = () if self.gather_output else _trailing(output, split, self.dim)
+        if self.sequence_parallel:
+            return Declaration(weights=weights, outputs=outputs, sequence="gather")
         return Declaration(weights=weights, inputs=(), outputs=outputs)
 
 
@@ -148,10 +158,14 @@ class RowParallel(Style):
     ``EinsumDense``: the heads) is split, the input arrives split on it and
     the contraction's partial sums are all-reduced: one all-reduce forward
     (Megatron's *g*). The bias and the output are whole. ``hidden`` names
-    the kernel's output (model) dimension (None: no name)."""
+    the kernel's output (model) dimension (None: no name).
+    ``sequence_parallel=True``: the partial sums are reduce-scattered over
+    the sequence instead (the output leaves split over it; backward: one
+    all-gather)."""
 
     dim: str = "d_ff"
     hidden: str | None = None
+    sequence_parallel: bool = False
 
     def declare(self, layer):
         return self.declare_einsum(*_einsum_parts(layer))
@@ -162,7 +176,10 @@ class RowParallel(Style):
         if bias is not None:
             first = next((letter for letter in bias if letter in output), None)
             weights["bias"] = tuple(self.hidden if letter == first else None for letter in bias)
-        return Declaration(weights=weights, inputs=_trailing(inputs, split, self.dim), outputs=())
+        inputs = _trailing(inputs, split, self.dim)
+        if self.sequence_parallel:
+            return Declaration(weights=weights, inputs=inputs, sequence="scatter")
+        return Declaration(weights=weights, inputs=inputs, outputs=())
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

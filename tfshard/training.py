@@ -32,7 +32,7 @@ import tensorflow as tf
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight as _unpack
 
-from tfshard import _dtensor, _keras, multi_client, step_guards
+from tfshard import _dtensor, _keras, context_parallel, multi_client, step_guards
 from tfshard.errors import StrategyError
 from tfshard.strategy import VariableLayout, current_strategy, strategy_of_layer
 
@@ -132,6 +132,8 @@ def shard_batch(strategy, data, process_local=False):
             return None
         array = x.numpy() if hasattr(x, "numpy") else np.asarray(x)
         spec = ((strategy.data_axis if split else None),) + (None,) * (array.ndim - 1)
+        if array.ndim > 1:  # context parallelism: dim 1 (the sequence) split
+            spec = (spec[0], context_parallel.sequence_axis(strategy, array.shape)) + spec[2:]
         return _dtensor.distribute(array, strategy.dtensor_layout(spec[: array.ndim]))
 
     return tree.map_structure(place, data)

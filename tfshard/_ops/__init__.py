@@ -15,6 +15,7 @@ unchanged:
 * :mod:`~tfshard._ops.pooling`: max/average pooling on split channels;
 * :mod:`~tfshard._ops.cross_entropy`: sparse categorical cross-entropy on
   logits split by class, vocab-parallel;
+* :mod:`~tfshard._ops.contraction`: a weight matrix's contracted dim whole;
 * :mod:`~tfshard._ops.whole`: ops that need the dims they act on whole, and
   broadcast divisors;
 * :mod:`~tfshard._ops.control`: ``switch`` and ``map`` on a mesh, and clear
@@ -27,12 +28,14 @@ TensorFlow ops with no DTensor expander at all run replicated
 from __future__ import annotations
 
 from tfshard import _dtensor, _keras
+from tfshard._ops.contraction import einsum, matmul, tensordot
 from tfshard._ops.control import map_fn, nonzero, switch, where
 from tfshard._ops.cross_entropy import sparse_categorical_crossentropy
 from tfshard._ops.draws import dropout, random_crop_images, random_draw
+from tfshard._ops.images import equalization_apply, equalization_histogram
 from tfshard._ops.gradients import one_hot, segment_sum, top_k
 from tfshard._ops.pooling import average_pool, max_pool
-from tfshard._ops.whole import WHOLE_INPUT_OPS, divide, whole_inputs
+from tfshard._ops.whole import WHOLE_INPUT_OPS, divide, elastic_transform, split, whole_inputs
 
 RANDOM_DRAWS = (
     "normal", "uniform", "truncated_normal", "randint", "categorical", "shuffle",
@@ -75,6 +78,15 @@ def replacements():
     for key, rule in WHOLE_INPUT_OPS.items():
         keep_batch, pin = rule if isinstance(rule, tuple) else (rule, True)
         out[key] = (whole_inputs(keep_batch, pin), _WHOLE)
+    contraction = ("a weight matrix's contracted dim whole (DTensor rejects a contracted dim "
+                   "split over different axes in the two operands)")
+    for name, fn in (("matmul", matmul), ("tensordot", tensordot), ("einsum", einsum)):
+        out[("numpy", name)] = (fn, contraction)
+    out[("image", "elastic_transform")] = (
+        elastic_transform, _WHOLE + "; a sigma known only at run time is a clear error "
+        "(a run-time blur kernel size)")
+    out[("numpy", "split")] = (split, "the split axis whole (DTensor's Split expander rejects "
+                               "a split on it)")
     out[("math", "segment_sum")] = (segment_sum, "its gradient fails to expand: a gather by segment id")
     broadcast = "a broadcast divisor whole (its gradient fails when its layout disagrees)"
     out[("numpy", "divide")] = (divide, broadcast)
@@ -95,6 +107,16 @@ LAYER_METHODS = {
         random_crop_images,
         "a crop at random offsets is a slice with run-time bounds, which DTensor cannot "
         "expand: rows and columns are gathered instead"),
+    ("keras.src.layers.preprocessing.image_preprocessing.equalization:Equalization",
+     "_apply_equalization"): (
+        equalization_apply,
+        "its first nonzero histogram bin is found with nonzero(cdf)[0][0], a value-dependent "
+        "shape DTensor cannot lay out: argmax(cdf > 0) instead, as Keras does on JAX"),
+    ("keras.src.layers.preprocessing.image_preprocessing.equalization:Equalization",
+     "_custom_histogram_fixed_width"): (
+        equalization_histogram,
+        "bincount's length is known only at run time, which DTensor cannot lay out: "
+        "a segment sum with a static number of bins instead"),
 }
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from keras import tree
 
-from tfshard._ops._common import on_mesh, whole
+from tfshard._ops._common import is_tensor, on_mesh, whole
 
 def whole_inputs(keep_batch, pin_outputs=True):
     """A replacement that lays every tensor argument out whole before the
@@ -119,7 +119,6 @@ WHOLE_INPUT_OPS = {
     ("image", "gaussian_blur"): _keeps_batch,
     ("image", "affine_transform"): _keeps_batch,
     ("image", "perspective_transform"): _keeps_batch,
-    ("image", "elastic_transform"): _keeps_batch,
     ("image", "rgb_to_hsv"): (_keeps_batch, False),
     ("image", "hsv_to_rgb"): (_keeps_batch, False),
     ("image", "rgb_to_grayscale"): _keeps_batch,
@@ -167,3 +166,100 @@ def divide(original, x1, x2):
     if 0 < _known_rank(x2) < _known_rank(x1):
         x2 = whole(strategy, x2, False)
     return original(x1, x2)
+
+
+# ------------------------------------------------------------------ split
+def _section_bounds(n, indices_or_sections):
+    """Start and length of each piece of a length-``n`` axis, as numpy's
+    (and Keras's) split defines them, or None when they are not static."""
+    if isinstance(indices_or_sections, int):
+        if n is None or n % indices_or_sections:
+            return None
+        size = n // indices_or_sections
+        return [(i * size, size) for i in range(indices_or_sections)]
+    cuts = _static_ints(indices_or_sections)
+    if cuts is None or n is None:
+        return None
+    edges = [0] + [min(max(c, 0), n) for c in cuts] + [n]
+    return [(a, max(b - a, 0)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def split(original, x, indices_or_sections, axis=0):
+    """``keras.ops.split`` on a mesh as one slice per piece.
+
+    DTensor's Split/SplitV expanders reject an input split on the axis being
+    split ("Spliting over sharded dimension is not supported") and give the
+    pieces the input's layout (a piece too short for that split fails).
+    Layouts are not known when a step is traced, and a relayout cannot make
+    only that axis whole while keeping the others' splits (DTensor allows
+    one "match" dim per layout). Slice's expander lays out what it needs by
+    itself; its TensorFlow gradient (a Pad of the split dim) does not expand,
+    so the gradient is Split's own: the pieces' gradients concatenated.
+    Exact, and no data moves where the axis is whole. (Laying the input out
+    whole with pinned outputs broke keras-hub QwenMoe/Qwen3Moe training:
+    DTensor rejects that relayout pair in the gradient.)"""
+    strategy = on_mesh(x)
+    if strategy is None or not is_tensor(x) or isinstance(x, tf.SparseTensor):
+        return original(x, indices_or_sections, axis=axis)
+    x = tf.convert_to_tensor(x)
+    rank = x.shape.rank
+    if not rank:
+        return original(x, indices_or_sections, axis=axis)
+    dim = int(axis) % rank
+    bounds = _section_bounds(x.shape[dim], indices_or_sections)
+    if bounds is None:
+        return original(x, indices_or_sections, axis=axis)
+    if not x.dtype.is_floating:
+        return [_piece(x, dim, start, size) for start, size in bounds]
+
+    @tf.custom_gradient
+    def sliced(x):
+        def grad(*upstream):
+            return tf.concat([tf.zeros_like(p) if g is None else g
+                              for g, p in zip(upstream, pieces)], axis=dim)
+
+        pieces = [_piece(x, dim, start, size) for start, size in bounds]
+        return pieces, grad
+
+    return list(sliced(x))
+
+
+def _piece(x, dim, start, size):
+    begin, sizes = [0] * x.shape.rank, [-1] * x.shape.rank
+    begin[dim], sizes[dim] = start, size
+    return tf.slice(x, begin, sizes)
+
+
+# ------------------------------------------------------- elastic transform
+_elastic_whole = whole_inputs(_keeps_batch)
+
+
+def elastic_transform(original, images, *args, **kwargs):
+    """``keras.ops.image.elastic_transform`` on a mesh: laid out whole but
+    for the batch (see :func:`whole_inputs`); a ``sigma`` known only at run
+    time is a clear error. Its Gaussian blur's kernel is ``6 * int(sigma) | 1``
+    wide, a run-time shape DTensor cannot lay out ("value shape is not
+    static"), and the raw error's MLIR text is so long that TensorFlow takes
+    many minutes to format it."""
+    sigma = kwargs.get("sigma", args[1] if len(args) > 1 else None)
+    if (
+        on_mesh(images) is not None
+        and not tf.executing_eagerly()
+        and tf.is_tensor(sigma)
+        and tf.get_static_value(sigma) is None
+    ):
+        raise _run_time_sigma_error()
+    return _elastic_whole(original, images, *args, **kwargs)
+
+
+def _run_time_sigma_error():
+    from tfshard.errors import UnsupportedFeatureError
+
+    return UnsupportedFeatureError(
+        "keras.ops.image.elastic_transform on a mesh with a sigma known only at run time "
+        "(keras.layers.RandomElasticTransform draws it from its scale): the Gaussian blur's "
+        "kernel size, 6 * int(sigma) | 1, is then a run-time shape, which DTensor cannot lay "
+        "out. Apply RandomElasticTransform in the input pipeline (e.g. dataset.map(layer) "
+        "before batches reach the sharded model), or call elastic_transform with a Python "
+        "float sigma."
+    )

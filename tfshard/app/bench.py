@@ -186,6 +186,7 @@ def to_json(results):
 def zero_strategy(config, stage):
     """``jobs.build_strategy(config)`` with ZeRO ``stage`` over the data axis
     (0: none)."""
+    from tfshard.app import jobs
     from tfshard.mesh import Mesh
     from tfshard.strategy import StrategyBuilder
 
@@ -197,7 +198,7 @@ def zero_strategy(config, stage):
     )
     if stage:
         builder.shard_optimizer_state("batch", stage=stage)
-    return builder.build()
+    return jobs.layout_options(builder, config).build()
 
 
 def memory_by_mesh(config, meshes, *, zero_stages=(0,), out=print):

@@ -67,6 +67,12 @@ SCHEMA = {
                                 "(each device draws the whole tensor, keeps its slice); per_device: "
                                 "DTensor's own per-device streams (fewer draws, other numbers)",
                                 ("global", "per_device")),
+        "sequence_parallel": Field(bool, False,
+                                   "split norms, dropout and residuals over the sequence on the tensor "
+                                   "axis (Megatron-SP: all-gathers and reduce-scatters replace the "
+                                   "all-reduces)"),
+        "recompute": Field(str, "none", "recompute in the backward pass: none, selective (attention "
+                                        "cores) or full (blocks)", ("none", "selective", "full")),
         "auto": Field(bool, False, "choose the plan with tfshard.auto_plan (also: 'layout: auto'), "
                                    "within layout.rules"),
     },

@@ -80,15 +80,23 @@ def build_strategy(config, plan=None):
     mesh = Mesh({"batch": config["mesh"]["batch"], "model": config["mesh"]["model"]})
     if config["layout"].get("auto"):
         builder = (plan or auto_plan(config, mesh)).builder(mesh)
-        return builder.random_streams(config["layout"]["random_streams"]).build()
-    return (
-        StrategyBuilder(mesh)
-        .data_parallel("batch")
-        .tensor_parallel("model")
-        .rules(config["layout"]["rules"])
-        .random_streams(config["layout"]["random_streams"])
-        .build()
-    )
+    else:
+        builder = (
+            StrategyBuilder(mesh).data_parallel("batch").tensor_parallel("model")
+            .rules(config["layout"]["rules"])
+        )
+    return layout_options(builder, config).build()
+
+
+def layout_options(builder, config):
+    """The config's ``layout`` switches applied to ``builder``: random
+    streams, sequence parallelism, recomputation."""
+    layout = config["layout"]
+    builder.random_streams(layout["random_streams"])
+    builder.sequence_parallel(layout.get("sequence_parallel", False))
+    if layout.get("recompute", "none") != "none":
+        builder.recompute(layout["recompute"])
+    return builder
 
 
 def auto_plan(config, mesh=None):

@@ -32,6 +32,7 @@ from keras import ops
 
 from tfshard.errors import ShardingError, UnsupportedFeatureError
 from tfshard.layers.base import ShardedLayerMixin
+from tfshard.layout import KEEP
 from tfshard.tensors import masked_local_lookup
 
 _SHARD_DIMS = ("vocab", "embedding")
@@ -146,7 +147,12 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
         slabs = ops.reshape(table, (size, rows, self.output_dim))
         slabs = strategy.place(slabs, (axis, None, None))
         out = masked_local_lookup(strategy, slabs, ids, axis, size, rows)
-        out = strategy.constrain(out, ())
+        if strategy.sequence_parallel and len(out.shape) >= 3:
+            # The rows' sum, scattered over the sequence: each device keeps
+            # its tokens (tfshard.sequence_parallel).
+            out = strategy.place(out, (KEEP, strategy.tensor_axis) + (None,) * (len(out.shape) - 2))
+        else:
+            out = strategy.constrain(out, ())
         return ops.cast(out, self.compute_dtype)
 
     def attend(self, hidden):
