@@ -28,7 +28,8 @@ def test_layout_auto_is_a_config_shorthand(tmp_path):
     assert config["layout"]["rules"] == config_lib.defaults()["layout"]["rules"]
     # --set works on the expanded section.
     config = config_lib.load(write(tmp_path, {**SMALL, "layout": "auto"}), ["layout.rules='heads:'"])
-    assert config["layout"] == {"auto": True, "rules": "heads:", "random_streams": "global"}
+    assert config["layout"] == {"auto": True, "rules": "heads:", "random_streams": "global",
+                                "sequence_parallel": False, "recompute": "none"}
     with pytest.raises(config_lib.ConfigError, match=r"section 'layout' must be a mapping or 'auto'"):
         config_lib.load(write(tmp_path, {**SMALL, "layout": "automatic"}))
 

@@ -155,8 +155,8 @@ def _vocab_split_model(strategy, eager):
 
 
 @pytest.mark.parametrize(
-    "shape, eager", [((2, 4), False), ((1, 8), False), ((2, 4), True)],
-    ids=["2x4-traced", "1x8-traced", "2x4-eager"],
+    "shape, eager", [((1, 8), False), ((2, 4), True)],
+    ids=["1x8-traced", "2x4-eager"],
 )
 def test_out_of_range_label_fails_a_fit_step(shape, eager):
     """In fit: a StepError (an InvalidArgumentError and a TfshardError)
