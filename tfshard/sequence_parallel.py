@@ -113,6 +113,12 @@ def _whole_spec(rank):
     return (KEEP,) + (None,) * (rank - 1)
 
 
+def _reduce_scatter(strategy, partial, rank):
+    """Partial sums summed (laid out whole), then split over the sequence:
+    DTensor fuses the adjacent pair into one reduce-scatter."""
+    return strategy.place(strategy.place(partial, _whole_spec(rank)), sequence_spec(strategy, rank))
+
+
 def gathered(strategy, x, purpose="forward"):
     """``x`` all-gathered over the sequence, once per traced graph and
     ``purpose``: the layers that read one tensor (query, key and value)
@@ -147,7 +153,7 @@ def column_parallel(strategy, x, kernel, kernel_spec, equation, output_axes):
             # Partial sums over this device's columns: summed, then each
             # device keeps its tokens (DTensor fuses the pair into one
             # reduce-scatter).
-            dx = strategy.place(strategy.place(dx, _whole_spec(rank)), sequence_spec(strategy, rank))
+            dx = _reduce_scatter(strategy, dx, rank)
             with tf.control_dependencies([dy]):  # gathered again here, not kept from forward
                 again = gathered(strategy, x, "backward")
             dk = tf.einsum(f"{inputs},{output}->{kernel_letters}", again, dy)
@@ -168,7 +174,7 @@ def row_parallel(strategy, h, kernel, kernel_spec, equation, input_axes):
         y = tf.einsum(equation, h, kernel)
         # Partial sums over this device's rows: summed and scattered over
         # the sequence (one reduce-scatter).
-        y = strategy.place(strategy.place(y, _whole_spec(rank)), sequence_spec(strategy, rank))
+        y = _reduce_scatter(strategy, y, rank)
 
         def grad(dy):
             dy = strategy.place(dy, _whole_spec(rank))  # all-gather over the sequence

@@ -32,7 +32,7 @@ from keras import ops
 
 from tfshard.errors import ShardingError, UnsupportedFeatureError
 from tfshard.layers.base import ShardedLayerMixin
-from tfshard.layout import KEEP
+from tfshard import sequence_parallel
 from tfshard.tensors import masked_local_lookup
 
 _SHARD_DIMS = ("vocab", "embedding")
@@ -150,7 +150,7 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
         if strategy.sequence_parallel and len(out.shape) >= 3:
             # The rows' sum, scattered over the sequence: each device keeps
             # its tokens (tfshard.sequence_parallel).
-            out = strategy.place(out, (KEEP, strategy.tensor_axis) + (None,) * (len(out.shape) - 2))
+            out = strategy.place(out, sequence_parallel.sequence_spec(strategy, len(out.shape)))
         else:
             out = strategy.constrain(out, ())
         return ops.cast(out, self.compute_dtype)
