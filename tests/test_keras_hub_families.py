@@ -138,11 +138,6 @@ XFAIL = {
         "tolerance, not layout: after 4 Adam steps at lr 0.01, 2 of 1024 embedding elements differ "
         "by 1.7e-5 (logits and losses match)"
     ),
-    "gpt_oss": (
-        "DTensor's StridedSliceGrad: the gradient of GptOssExperts' interleaved gate/up slice "
-        "(gate_up[..., ::2]) of an expert-split einsum output fails SPMD expansion ('shape of dy "
-        "was [4,32,...]'); the forward pass matches"
-    ),
     "qwen3_5_linear": (
         "DTensor has no layout propagation for tf.MatrixDiagV3, which Qwen3_5GatedDeltaNet (the "
         "linear-attention layers) calls; it fails under any mesh, split or not"

@@ -10,8 +10,8 @@ unchanged:
 
 * :mod:`~tfshard._ops.draws`: random draws (``keras.random.*``, ``Dropout``
   and every layer built on them) give the numbers one device draws;
-* :mod:`~tfshard._ops.gradients`: ``top_k``, ``one_hot`` and
-  ``segment_sum`` in elementwise or gather forms DTensor expands;
+* :mod:`~tfshard._ops.gradients`: ``top_k``, ``one_hot``, ``segment_sum``
+  and ``clip`` in elementwise or gather forms DTensor expands;
 * :mod:`~tfshard._ops.pooling`: max/average pooling on split channels;
 * :mod:`~tfshard._ops.cross_entropy`: sparse categorical cross-entropy on
   logits split by class, vocab-parallel;
@@ -35,7 +35,7 @@ from tfshard._ops.control import map_fn, nonzero, switch, where
 from tfshard._ops.cross_entropy import sparse_categorical_crossentropy
 from tfshard._ops.draws import dropout, random_crop_images, random_draw
 from tfshard._ops.images import equalization_apply, equalization_histogram
-from tfshard._ops.gradients import one_hot, segment_sum, top_k
+from tfshard._ops.gradients import clip, one_hot, segment_sum, top_k
 from tfshard._ops.pooling import average_pool, max_pool
 from tfshard._ops.whole import WHOLE_INPUT_OPS, divide, elastic_transform, split, whole_inputs
 
@@ -89,6 +89,8 @@ def replacements():
         "(a run-time blur kernel size)")
     out[("numpy", "split")] = (split, "the split axis whole (DTensor's Split expander rejects "
                                "a split on it)")
+    out[("numpy", "clip")] = (clip, "its gradient (where(mask, dy, 0)) reaches a strided slice's "
+                              "gradient with a split dim whole: the mask multiplies dy instead")
     out[("math", "segment_sum")] = (segment_sum, "its gradient fails to expand: a gather by segment id")
     broadcast = "a broadcast divisor whole (its gradient fails when its layout disagrees)"
     out[("numpy", "divide")] = (divide, broadcast)

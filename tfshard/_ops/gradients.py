@@ -8,10 +8,16 @@ with elementwise formulations (exact, any layout):
   inherits; here it is a comparison with the class ids.
 * **segment_sum**: the segment reductions' gradients fail to expand under
   any layout; here the inputs are whole and the gradient is a gather of the
-  upstream gradient by segment id."""
+  upstream gradient by segment id.
+* **clip**: TensorFlow's gradient of ``clip_by_value`` (Minimum/Maximum:
+  ``where(mask, dy, 0)``) reaches the gradient of a strided slice with a
+  step (GPT-OSS's ``gate_up[..., ::2]`` of an expert-split einsum output)
+  with the split dimension whole while DTensor expects it split (``shape of
+  dy was [4,...] instead of [1,...]``); here the mask multiplies ``dy``."""
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from tfshard._ops._common import on_mesh, whole
@@ -39,6 +45,32 @@ def top_k(original, x, k, sorted=True):
 
     values, indices = top(x)
     return values, indices
+
+
+# ------------------------------------------------------------------ clip
+def clip(original, x, x_min, x_max):
+    """``keras.ops.clip`` with the gradient ``dy * [x_min <= x <= x_max]``
+    (TensorFlow's, as a product: equal for finite ``dy``). Bounds that are
+    tensors (possibly differentiated) keep the Keras original."""
+    if on_mesh(x) is None or not all(_is_number(b) for b in (x_min, x_max)):
+        return original(x, x_min, x_max)
+    x = tf.convert_to_tensor(x)
+    if not x.dtype.is_floating:
+        return original(x, x_min, x_max)
+
+    @tf.custom_gradient
+    def clipped(x):
+        def grad(dy):
+            inside = tf.logical_and(x >= x_min, x <= x_max)
+            return dy * tf.cast(inside, dy.dtype)
+
+        return original(x, x_min, x_max), grad
+
+    return clipped(x)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------- one_hot
