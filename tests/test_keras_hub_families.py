@@ -129,15 +129,6 @@ XFAIL = {
         "not recognised: auto_plan finds no attention or feed-forward block in Gemma4's decoder "
         "(only the embedding is split), so the family's split check fails"
     ),
-    "falcon": (
-        "tolerance, not layout: the key projection's bias has a mathematically zero gradient "
-        "(softmax ignores a per-key constant), Adam normalises its float noise into steps, and one "
-        "of 16 elements differs by 1.4e-5 after 4 steps"
-    ),
-    "smollm3": (
-        "tolerance, not layout: after 4 Adam steps at lr 0.01, 2 of 1024 embedding elements differ "
-        "by 1.7e-5 (logits and losses match)"
-    ),
     "qwen3_5_linear": (
         "DTensor has no layout propagation for tf.MatrixDiagV3, which Qwen3_5GatedDeltaNet (the "
         "linear-attention layers) calls; it fails under any mesh, split or not"
@@ -147,6 +138,17 @@ XFAIL = {
         "RWKV7's time-mixing scan (a while loop); it fails under any mesh, split or not"
     ),
 }
+
+
+# Families whose weights after 4 Adam steps (lr 0.01) differ by more than
+# 1e-5 from float32 reduction-order noise, not layout: Adam divides a
+# gradient by its own magnitude, so noise on a zero or tiny gradient becomes
+# a step of up to lr. Measured on 2x4 (max weight difference): falcon
+# 6.7e-6 (its key bias: softmax ignores a per-key constant, so the gradient
+# is mathematically zero; 1.4e-5 on an earlier tree), smollm3 1.4e-5 (2 of
+# 1024 embedding rows); at lr 1e-3 7e-7 and 1.4e-6; in float64 1e-14 and
+# 3e-15, so the sharded step computes the same numbers.
+WEIGHT_ATOL = {"falcon": 3e-5, "smollm3": 3e-5}
 
 
 def build(family):
@@ -213,7 +215,7 @@ def test_auto_plan_shards_the_family_like_one_device(family):
     np.testing.assert_allclose(model.predict(x, batch_size=BATCH, verbose=0), logits, **TOL)
     history = model.fit(x, y, **FIT).history
     assert_history_close(history, expected, tol=TOL)
-    assert_weights_close(model, plain)
+    assert_weights_close(model, plain, tol=dict(rtol=1e-5, atol=WEIGHT_ATOL.get(family, 1e-5)))
 
     # Memory really saved: every split weight holds its shard, and the plan's
     # estimate is what the devices hold (parameters + Adam's slots + its counters).
