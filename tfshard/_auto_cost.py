@@ -36,8 +36,10 @@ reduce-scatter ``(n-1)/n * b``), with ``t`` tokens per data-parallel group
   are added); their input gradient is all-reduced backward. tfshard's own
   vocabulary-parallel embedding keeps its logits split and its loss adds
   two launches;
-* experts over the tensor axis: the router's logits are gathered, the
-  experts' sum all-reduced, and backward the routing and input gradients;
+* experts over the tensor axis: the experts' sum all-reduced forward, the
+  routing weights' and input gradients together backward, and a router
+  auxiliary loss's data-axis reduction (:mod:`tfshard._auto_experts`);
+* norms on split heads: their scale gradients over both axes, backward;
 * the data axis: one all-reduce of every gradient that is whole over it
   (DTensor combines them into one launch); FSDP weights add a gather where
   they are read, ZeRO-1 a gather of the updated weights.
@@ -49,16 +51,11 @@ all-gather launches as an all-reduce. This is exact for tensor-parallel and
 data-parallel plans (tested against DTensor's SPMD dump on tfshard's
 reference transformer and keras-hub Llama); with FSDP or ZeRO-1, DTensor
 fuses data-axis collectives further (all-reduce + slice into
-reduce-scatter), so their launch counts are estimates. Experts over the
-tensor axis are an upper estimate too: on tiny keras-hub QwenMoe and
-Qwen3Moe (2x4, stock loss, accuracy metric) it counts 12 and 10
-model-axis launches where DTensor launches 8 (and 1 data-axis launch
-where it launches 2: the routers' auxiliary loss). From the dumps: the
-router's logits are never gathered (its kernel and input are whole); the
-routing weights' gradient launches with the input gradients; QwenMoe's
-shared expert (a split feed-forward beside the experts) launches with the
-experts, forward and backward: parallel branches, which stages by call
-index cannot see. Bytes per device matched exactly in every tested model.
+reduce-scatter), so their launch counts are estimates. Units that read
+the same tensor (parallel branches) launch together
+(:mod:`tfshard._auto_launches`); pinned on keras-hub QwenMoe and Qwen3Moe
+(2x4: 8 model-axis launches, 2 data-axis, and for Qwen3Moe's query/key
+norms 1 over both axes). Bytes per device matched exactly in every tested model.
 """
 
 from __future__ import annotations
@@ -69,6 +66,8 @@ import re
 
 import numpy as np
 
+from tfshard._auto_experts import expert_entries
+from tfshard._auto_launches import head_norm_rows, parallel_branches
 from tfshard._auto_loss import logits_rows
 from tfshard.comm import CollectiveCounts
 from tfshard.plans import Plan, resolve_weight, weight_owners
@@ -125,11 +124,12 @@ class Row:
 
     stage: tuple  # ("fwd" | "loss" | "bwd" | "update", position)
     kind: str  # all_reduce | all_gather | reduce_scatter
-    axis: str
+    axis: str | tuple  # a mesh axis, or axes reduced over together
     nbytes: int  # the tensor's bytes per device (gathered size for an all-gather)
     what: str
 
-    def volume(self, size):
+    def volume(self, sizes):
+        size = int(np.prod([sizes[a] for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,))]))
         factor = 2 * (size - 1) / size if self.kind == "all_reduce" else (size - 1) / size
         return factor * self.nbytes
 
@@ -151,7 +151,7 @@ class Assessment:
 
     @property
     def volume(self):
-        return sum(row.volume(self.setting.sizes[row.axis]) for row in self.rows)
+        return sum(row.volume(self.setting.sizes) for row in self.rows)
 
     def launches(self):
         """:class:`tfshard.comm.CollectiveCounts` of launched collectives
@@ -217,6 +217,7 @@ def unit_entries(unit, setting, choice, keys):
             for layer in info["kv"]:
                 rows.append(Row(("bwd", first), "all_gather", axis, t * heads * head_size * 4,
                                 f"gradient of whole key/value heads ({layer.name})"))
+        rows += head_norm_rows(unit, setting, Row)
         return entries, rows, f"{unit.reason}: split by heads over {axis}{note}"
     if unit.kind == "ffn":
         if not setting.splits("d_ff"):
@@ -241,7 +242,7 @@ def unit_entries(unit, setting, choice, keys):
         rows += logits_rows(Row, setting, first, info["vocab"], info["width"], "logits")
         return entries, rows, f"{unit.reason}: split by vocabulary over {axis}"
     if unit.kind == "experts":
-        return _expert_entries(unit, setting, choice, keys)
+        return expert_entries(unit, setting, choice, keys, Row)
     if unit.kind == "own":
         return [], _own_rows(unit, setting), unit.reason
     return [], [], unit.reason
@@ -278,37 +279,6 @@ def _logits_fate(setting):
     if setting.metrics_read_logits:
         return "vocab-parallel loss, logits gathered for the metrics"
     return "vocab-parallel loss, logits never gathered"
-
-
-def _expert_entries(unit, setting, choice, keys):
-    info, tp, t, axis = unit.info, setting.tp, setting.tokens, setting.tensor_axis
-    experts, layer = info["experts"], unit.layer
-    key = keys[id(layer)]
-    rows, entries = [], []
-    if setting.splits("experts") and experts % tp == 0:
-        for weight in info["weights"]:
-            spec = (axis,) + (None,) * (len(weight.shape) - 1)
-            entries.append((key + "/" + re.escape(weight.name), spec, f"{unit.reason}: experts over {axis}"))
-        router = info["router"]
-        call = next((c.index for c in unit.calls if c.layer is layer), 0)
-        router_call = info["router_call"].index if info["router_call"] is not None else call
-        if router is not None:
-            rank = info.get("router_rank", 2)
-            entries.append((keys[id(router)] + "/output", (setting.data_axis,) + (None,) * (rank - 1),
-                            f"{unit.reason}: router logits whole (each device routes every token)"))
-            rows.append(Row(("fwd", router_call), "all_gather", axis, t * experts * 4, "router logits gathered"))
-            rows.append(Row(("bwd", router_call), "all_reduce", axis, t * info["width"] * 4, "router input gradient"))
-        rows.append(Row(("fwd", call), "all_reduce", axis, t * info["width"] * 4, "experts' outputs summed"))
-        rows.append(Row(("bwd", call), "all_reduce", axis, t * experts * 4, "routing weights' gradient"))
-        rows.append(Row(("bwd", router_call), "all_reduce", axis, t * info["width"] * 4, "experts' input gradient"))
-        return entries, rows, f"{unit.reason}: experts split over {axis}"
-    if id(unit) in choice.experts_on_data and setting.dp > 1 and experts % setting.dp == 0:
-        for weight in info["weights"]:
-            spec = (setting.data_axis,) + (None,) * (len(weight.shape) - 1)
-            entries.append((key + "/" + re.escape(weight.name), spec,
-                            f"{unit.reason}: experts over {setting.data_axis} (stored split, gathered where used)"))
-        return entries, rows, f"{unit.reason}: {experts} experts do not divide {axis}={tp}: stored over {setting.data_axis}"
-    return [], [], f"{unit.reason}: {experts} experts do not divide {axis}={tp}: replicated"
 
 
 def _own_rows(unit, setting):
@@ -363,11 +333,12 @@ def _sublayers(layer):
 
 def assess(model, units, setting, choice, keys, owners):
     """The :class:`Assessment` of ``choice``."""
-    entries, rows = [], []
+    entries, rows_by_unit = [], {}
     for unit in units:
-        unit_plan, unit_rows, _ = unit_entries(unit, setting, choice, keys)
+        unit_plan, rows_by_unit[id(unit)], _ = unit_entries(unit, setting, choice, keys)
         entries += unit_plan
-        rows += unit_rows
+    staged = parallel_branches(units, rows_by_unit)
+    rows = [r for unit in units for r in staged[id(unit)]]
     plan = Plan([(k, v) for k, v, _ in entries])
     specs = resolve_specs(model, plan, setting, owners)
     if choice.fsdp and setting.dp > 1:

@@ -103,7 +103,7 @@ class AutoPlan(Plan):
     # ------------------------------------------------------------ reports
     def _summary(self):
         a, s = self.assessment, self.assessment.setting
-        counts = ", ".join(f"{n} {k.replace('_', '-')}[{axis}]" for (k, axis), n in sorted(a.launches().items(), key=str))
+        counts = ", ".join(f"{n} {k.replace('_', '-')}[{_show_axis(axis)}]" for (k, axis), n in sorted(a.launches().items(), key=str))
         mesh = " x ".join(f"{axis}={n}" for axis, n in s.sizes.items())
         zero = f"; ZeRO-1 over {a.optimizer_state_axis!r}" if a.optimizer_state_axis else ""
         return [
@@ -137,7 +137,7 @@ class AutoPlan(Plan):
             lines.append(f"  {names}: {decided.get(id(unit), unit.reason)}")
         lines += ["", "collectives per step (cost model):"]
         for row in self.assessment.rows:
-            lines.append(f"  {row.stage[0]:>6} {row.kind}[{row.axis}] {_fmt_bytes(row.nbytes)}: {row.what}")
+            lines.append(f"  {row.stage[0]:>6} {row.kind}[{_show_axis(row.axis)}] {_fmt_bytes(row.nbytes)}: {row.what}")
         lines += ["", "candidates (volume moved per device, launches, bytes per device):"]
         for other in self.alternatives[:8]:
             mark = "*" if other is self.assessment else " "
@@ -171,6 +171,10 @@ def _fmt_bytes(n):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
+
+
+def _show_axis(axis):
+    return "+".join(axis) if isinstance(axis, tuple) else str(axis)
 
 
 def _show_key(key):
