@@ -1,5 +1,6 @@
 """Test session setup: 8 virtual CPU devices, before TensorFlow starts."""
 
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -34,6 +35,17 @@ def pytest_sessionstart(session):
             f"CI=true but {missing} are not installed, so their tests would skip; install "
             "the README's test command (pip install -e '.[cpu,test]' and keras-hub)."
         )
+
+
+def pytest_collection_finish(session):
+    """Every test starts with ``keras.backend.clear_session()``, whose
+    ``gc.collect()`` walked the ~450,000 objects TensorFlow, Keras and the
+    test modules create on import: 1-2 s per test, a third of the suite's
+    time. Those objects live as long as the process, so they are moved out
+    of the collector's reach once, after collection; each test's collection
+    then only walks what earlier tests left."""
+    gc.collect()
+    gc.freeze()
 
 
 def make_strategy(data, model, **rules):
