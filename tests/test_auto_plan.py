@@ -11,6 +11,8 @@ connections, chosen by a cost model, explained, and checked.
   train like one device; the convnet, with nothing to split, replicates
   everything and says so, and under a memory budget is stored split over
   the data axis;
+* a keras-hub task model (it compiles in its constructor) is planned
+  without materialising a weight;
 * bad input: a budget no plan fits, plan entries that match nothing, two
   styles on one layer.
 
@@ -315,6 +317,37 @@ LLAMA = dict(vocabulary_size=64, num_layers=1, hidden_dim=16, intermediate_dim=3
 def llama_backbone():
     keras_hub = pytest.importorskip("keras_hub")
     return keras_hub.models.LlamaBackbone(**LLAMA)
+
+
+def test_a_task_model_is_planned_without_materialising_a_weight():
+    """A keras-hub task compiles in its constructor (its optimizer makes
+    variables from values, which a stateless scope refuses): it is built
+    abstractly all the same, and what the plan reads from the compiled loss
+    and metrics is kept."""
+    keras_hub = pytest.importorskip("keras_hub")
+    import tensorflow as tf
+
+    def build():
+        model = keras_hub.models.LlamaCausalLM(backbone=llama_backbone(), preprocessor=None)
+        model.compile(optimizer=keras.optimizers.Adam(0.01),  # the user's own compile too
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()])
+        return model
+
+    created = []
+
+    def creator(next_creator, **kwargs):
+        created.append(kwargs.get("name"))
+        return next_creator(**kwargs)
+
+    x = {"token_ids": np.zeros((8, 8), "int32"), "padding_mask": np.ones((8, 8), "int32")}
+    with tf.variable_creator_scope(creator):
+        plan = auto_plan(build, mesh(), inputs=x)
+    assert created == [], created  # no tf.Variable: no weight has a value
+    assert "built with its weights" not in str(plan), str(plan)
+    setting = plan.assessment.setting
+    assert setting.loss_splits_logits and setting.metrics_read_logits and setting.slots == 2
+    assert _styles(plan)["feedforward_gate_dense"] == ColumnParallel(), str(plan)
 
 
 def test_a_budget_no_plan_fits_names_the_smallest_bytes_and_a_mesh_that_fits():

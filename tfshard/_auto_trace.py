@@ -3,12 +3,16 @@ a record of which layer calls feed which.
 
 * :func:`build_abstract` creates the model without materialising its
   weights (``keras.StatelessScope(initialize_variables=False)``: variables
-  get their shapes, never their values).
+  get their shapes, never their values; one made from a value, such as an
+  optimizer's iteration count when a keras-hub task compiles in its
+  constructor, keeps the value as its initializer).
 * :func:`trace_calls` traces one call of the model into a single TensorFlow
   graph (a ``tf.function`` trace, so nothing runs) while every layer's
   ``call`` is wrapped to record its input and output tensors. Functional
   models (keras-hub's backbones and tasks) and subclassed ones are traced
-  alike: the calls of their sublayers happen inside the one graph.
+  alike: the calls of their sublayers happen inside the one graph. A
+  layer that contracts a projection's kernel itself (``ops.matmul(x,
+  dense.kernel)``) is recorded as a call of that projection.
 * :meth:`Trace.producers` walks the graph backwards from a call's input to
   the layer calls that produced it, and says whether the way between them
   is elementwise only (activations, products, sums, casts, dropout), which
@@ -103,15 +107,17 @@ def build_abstract(build_model):
             "keras_hub.models.LlamaCausalLM(...)) or a built Keras model."
         )
     try:
-        with keras.StatelessScope(initialize_variables=False):
+        # Variables made from a value (an optimizer's iteration count and
+        # learning rate: keras-hub tasks compile in their constructor) keep
+        # the value as their initializer.
+        with _keras.values_as_initializers(), keras.StatelessScope(initialize_variables=False):
             model = build_model()
         note = None
     except ValueError as err:
         if "stateless scope" not in str(err):
             raise
-        # A variable made from a value (e.g. an optimizer's iteration count,
-        # which keras-hub tasks create in their constructor's compile()): Keras
-        # refuses it in a stateless scope. Build with weights instead.
+        # Something else Keras refuses in a stateless scope: build with
+        # weights instead, and say so.
         model = build_model()
         note = (
             "built with its weights (Keras cannot build it abstractly: "
