@@ -11,6 +11,8 @@ connections, chosen by a cost model, explained, and checked.
   train like one device; the convnet, with nothing to split, replicates
   everything and says so, and under a memory budget is stored split over
   the data axis;
+* projections whose kernels another layer contracts itself (keras-hub
+  Gemma4's feed-forward) are recognised by their connections;
 * a keras-hub task model (it compiles in its constructor) is planned
   without materialising a weight;
 * bad input: a budget no plan fits, plan entries that match nothing, two
@@ -307,6 +309,33 @@ def test_a_model_it_cannot_trace_is_planned_from_its_layers_never_a_crash():
 def _styles(plan):
     """``{last path segment: style}`` of a plan's style entries."""
     return {key.split("/")[-1]: value for key, value in plan if isinstance(value, tfshard.styles.Style)}
+
+
+class DirectKernels(keras.layers.Layer):
+    """A gated feed-forward that contracts its projections' kernels itself
+    (as keras-hub's Gemma4 decoder does) instead of calling them."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = layers.Dense(32, use_bias=False, name="gate")
+        self.up = layers.EinsumDense("btd,df->btf", output_shape=(None, 32), name="up")
+        self.down = layers.Dense(16, use_bias=False, name="down")
+
+    def build(self, shape):
+        for layer, width in ((self.gate, shape[-1]), (self.up, shape[-1]), (self.down, 32)):
+            layer.build(tuple(shape[:-1]) + (width,))
+
+    def call(self, x):
+        h = ops.gelu(ops.matmul(x, self.gate.kernel)) * ops.einsum("btd,df->btf", x, self.up.kernel)
+        return x + ops.tensordot(h, self.down.kernel, axes=1)
+
+
+def test_kernels_contracted_by_another_layer_are_recognised_by_their_connections():
+    inputs = keras.Input((8, 16))
+    model = keras.Model(inputs, DirectKernels(name="block")(inputs))
+    plan = auto_plan(model, mesh())
+    assert _styles(plan) == {"gate": ColumnParallel(), "up": ColumnParallel(), "down": RowParallel()}, str(plan)
+    assert "gated feed-forward 16 -> 32 -> 16" in str(plan)
 
 
 # ---------------------------------------------------------------- bad input
