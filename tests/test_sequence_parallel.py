@@ -75,8 +75,8 @@ def test_padding_mask_and_bias_free_projections():
                  input_specs=[("batch", "model", None), ("batch", None, None)])
 
 
-def _lm(shape, *, dropout=0.0, recompute=None, zero=0):
-    cfg = {**config_lib.defaults()["model"], "d_model": 32, "heads": 8, "d_ff": 64, "layers": 1,
+def _lm(shape, *, dropout=0.0, recompute=None, zero=0, layers=1):
+    cfg = {**config_lib.defaults()["model"], "d_model": 32, "heads": 8, "d_ff": 64, "layers": layers,
            "seq_len": 16, "dropout": dropout}
     strategy = None
     if shape is not None:
@@ -133,6 +133,22 @@ def test_norm_and_residual_activations_are_split_over_the_sequence(lm_batches):
     before = memory_by_kind(without, (x[:8], y[:8]))
     assert any(k.local_shape[1] == 16 for k in before.kept if "norm" in k.name)
     assert plain.activations < before.activations
+
+
+def test_with_selective_recomputation_a_block_keeps_megatrons_count_split_over_tp(lm_batches):
+    """Sequence parallelism + selective recomputation on 2x4: per block the
+    step keeps its input, the two norm outputs and the residual (4sbh/t),
+    query/key/value and the attention output (4sbh/t), and the feed-forward's
+    pre-activation (s*b*d_ff/t): the activation is recomputed in the
+    row-parallel edge's backward pass, so its output is not kept. Every
+    tensor holds 1/(dp*tp) of one device's: Megatron's sbh*34/t (half-
+    precision, with dropout masks) in float32 without dropout, less the
+    activation's output."""
+    x, y = lm_batches
+    one, two = (memory_by_kind(_lm((2, 4), recompute="selective", layers=n), (x[:8], y[:8])).activations
+                for n in (1, 2))
+    s, b, h, ff, t = 16, 8 // 2, 32, 64, 4
+    assert two - one == 4 * (s * b // t) * (8 * h + ff)
 
 
 def test_keras_hub_llama_under_its_automatic_plan_trains_like_one_device():

@@ -7,11 +7,20 @@ forward pass again during it (``StrategyBuilder.recompute``).
     decoder layer) keeps only its inputs; its backward pass runs its forward
     pass again first.
 ``"selective"``
-    Megatron's selective recomputation (Korthikanti et al., 2022): only the
+    Megatron's selective recomputation (Korthikanti et al., 2022): the
     attention core (scores, softmax, dropout, the weighted sum of values) of
     every Keras ``MultiHeadAttention`` / ``GroupQueryAttention`` is
     recomputed, so the ``a·s²·b`` scores are not kept; the projections'
-    inputs and outputs still are.
+    inputs and outputs still are. So are, as Megatron-Core's selective
+    modules ``layernorm`` and ``moe_act``/``mlp`` do, the cheap elementwise
+    parts whose TensorFlow gradients keep more than Megatron counts: every
+    ``LayerNormalization`` / ``RMSNormalization`` (which keeps its broadcast
+    ``rsqrt(var)·γ`` and per-token statistics; recomputed, it keeps its
+    input only) and the activation of a ``Dense`` / ``EinsumDense`` whose
+    gradient reads more than its output (erf-GELU keeps three ``d_ff``-sized
+    tensors, SiLU two; recomputed, each keeps its input only). What is then
+    kept is Megatron's per-layer count exactly, without the scores
+    (``tests/test_recompute.py``).
 
 Why not ``keras.RematScope``: on the TensorFlow backend it wraps a layer's
 ``call`` in ``tf.recompute_grad`` as is, and ``tf.custom_gradient`` refuses
@@ -39,6 +48,11 @@ from tfshard.errors import StrategyError
 
 MODES = ("selective", "full")
 ATTENTION_LAYERS = (keras.layers.MultiHeadAttention, keras.layers.GroupQueryAttention)
+NORM_LAYERS = (keras.layers.LayerNormalization, keras.layers.RMSNormalization)
+PROJECTION_LAYERS = (keras.layers.Dense, keras.layers.EinsumDense)
+# Activations whose gradient reads only their output, which the next layer
+# keeps anyway as its input: recomputing them would keep their input too.
+OUTPUT_GRADIENT_ACTIVATIONS = frozenset({"linear", "relu", "relu6", "sigmoid", "tanh", "softmax"})
 
 
 def check_mode(mode):
@@ -125,6 +139,10 @@ def prepare(layer, mode):
     if mode == "selective":
         if isinstance(layer, ATTENTION_LAYERS):
             _keras.wrap_attention_core(layer, lambda core: recomputed(core, layer))
+        elif isinstance(layer, NORM_LAYERS):
+            object.__setattr__(layer, "call", recomputed(layer.call, layer))
+        elif isinstance(layer, PROJECTION_LAYERS):
+            _recompute_activation(layer)
         return
     call = layer.call
     recomputing = recomputed(call, layer)
@@ -136,3 +154,32 @@ def prepare(layer, mode):
         return call(*args, **kwargs)
 
     object.__setattr__(layer, "call", call_recomputing_blocks)
+
+
+def _recompute_activation(layer):
+    """Make ``layer``'s activation (read when it is called: it is set after
+    the layer is created) recompute in the backward pass, keeping its input
+    only, unless its gradient reads nothing but its output."""
+    call = layer.call
+
+    @functools.wraps(call)
+    def call_recomputing_activation(*args, **kwargs):
+        activation = layer.activation
+        name = getattr(activation, "__name__", "linear")
+        if tf.executing_eagerly() or activation is None or name in OUTPUT_GRADIENT_ACTIVATIONS:
+            return call(*args, **kwargs)
+        object.__setattr__(layer, "activation", recomputed(activation, layer))
+        object.__setattr__(layer, "_tfshard_recomputed_activation", activation)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            object.__setattr__(layer, "activation", activation)
+            object.__setattr__(layer, "_tfshard_recomputed_activation", None)
+
+    object.__setattr__(layer, "call", call_recomputing_activation)
+
+
+def recomputed_activation(layer):
+    """The activation ``layer`` is recomputing in the call running now (see
+    :func:`_recompute_activation`), or None."""
+    return getattr(layer, "_tfshard_recomputed_activation", None)

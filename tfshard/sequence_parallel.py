@@ -24,6 +24,13 @@ So each all-reduce of a block becomes a reduce-scatter plus an all-gather
 ``Dense.call``/``EinsumDense.call``: a row-parallel bias is added to each
 device's tokens, a column-parallel one to its columns.
 
+With ``recompute("selective")`` too, the row-parallel edge of a feed-forward
+takes the column-parallel layer's pre-activation ``z`` and recomputes the
+activation in its backward pass, so of the two ``d_ff/t``-sized tensors
+Megatron keeps per block only ``z`` is kept; the vocabulary-parallel
+embedding's tied logits are a column-parallel edge too (the final norm's
+output is gathered again in backward, not kept whole).
+
 Both edges are custom gradients with every layout pinned: DTensor's layout
 propagation would otherwise push the sequence split into the contraction
 (which then all-gathers the weights), it fuses an all-reduce into a
@@ -39,7 +46,7 @@ import weakref
 import keras
 import tensorflow as tf
 
-from tfshard import _keras
+from tfshard import _keras, recompute
 from tfshard.errors import ShardingError, StrategyError
 from tfshard.layout import KEEP
 from tfshard.tensors import spec_of
@@ -50,6 +57,7 @@ PURPOSE = ("sequence parallelism: a column-parallel layer all-gathers its sequen
            "input, a row-parallel one reduce-scatters its output over the sequence")
 
 _GATHERED = weakref.WeakKeyDictionary()  # traced graph -> {(input, strategy): gathered input}
+_ACTIVATED = weakref.WeakKeyDictionary()  # traced graph -> {activation(z): (activation, z)}
 
 
 def layer_call(original, layer, inputs, *args, **kwargs):
@@ -71,7 +79,10 @@ def layer_call(original, layer, inputs, *args, **kwargs):
     if layer.bias is not None:
         x = keras.ops.add(x, layer.bias)
     if layer.activation is not None:
-        x = layer.activation(x)
+        z, x = x, layer.activation(x)
+        activation = recompute.recomputed_activation(layer)
+        if activation is not None and declaration.sequence == "gather" and not tf.executing_eagerly():
+            _ACTIVATED.setdefault(x.graph, {})[x.ref()] = (activation, z)
     return x
 
 
@@ -165,27 +176,66 @@ def column_parallel(strategy, x, kernel, kernel_spec, equation, output_axes):
 
 
 def row_parallel(strategy, h, kernel, kernel_spec, equation, input_axes):
-    """``RS(einsum(equation, h, kernel))``; backward ``dh = AG(dy)·Wᵀ``."""
+    """``RS(einsum(equation, h, kernel))``; backward ``dh = AG(dy)·Wᵀ``.
+
+    When ``h = activation(z)`` is the output of a column-parallel layer whose
+    activation selective recomputation recomputes, the edge takes ``z``
+    instead and recomputes ``h`` in its backward pass (for ``dW = hᵀ·dy``
+    and ``dz = dh·activation'(z)``): the step keeps ``z`` alone of the
+    feed-forward's two ``d_ff``-sized tensors."""
     inputs, kernel_letters, output = _parts(equation)
     rank = len(output)
+    activation, source = _activation_source(h)
 
     @tf.custom_gradient
-    def forward(h, kernel):
-        y = tf.einsum(equation, h, kernel)
+    def forward(source, kernel):
+        h = source if activation is None else strategy.constrain(activation(source), input_axes)
         # Partial sums over this device's rows: summed and scattered over
         # the sequence (one reduce-scatter).
-        y = _reduce_scatter(strategy, y, rank)
+        y = _reduce_scatter(strategy, tf.einsum(equation, h, kernel), rank)
 
         def grad(dy):
             dy = strategy.place(dy, _whole_spec(rank))  # all-gather over the sequence
             dh = strategy.constrain(tf.einsum(f"{output},{kernel_letters}->{inputs}", dy, kernel),
                                     input_axes)
-            dk = tf.einsum(f"{inputs},{output}->{kernel_letters}", h, dy)
-            return dh, _pinned(strategy, dk, kernel_spec)
+            if activation is None:
+                dk = tf.einsum(f"{inputs},{output}->{kernel_letters}", h, dy)
+                return dh, _pinned(strategy, dk, kernel_spec)
+            with tf.GradientTape() as tape:
+                with tf.control_dependencies([dy]):  # run again here, not kept from forward
+                    again = tf.identity(source)
+                tape.watch(again)
+                h_again = activation(again)
+            dk = tf.einsum(f"{inputs},{output}->{kernel_letters}", h_again, dy)
+            return tape.gradient(h_again, again, output_gradients=dh), _pinned(strategy, dk, kernel_spec)
 
         return y, grad
 
-    return forward(h, kernel)
+    return forward(source, kernel)
+
+
+def _activation_source(h):
+    """``(activation, z)`` when ``h`` is (a relayout of) a recomputed
+    activation's output ``activation(z)`` registered by :func:`layer_call`,
+    else ``(None, h)``."""
+    if tf.executing_eagerly():
+        return None, h
+    registered = _ACTIVATED.get(h.graph, {})
+    tensor = h
+    while tensor.ref() not in registered and tensor.op.type in ("Relayout", "Identity"):
+        tensor = tensor.op.inputs[0]
+    return registered.get(tensor.ref(), (None, h))
+
+
+def tied_logits(strategy, hidden, table, table_variable, equation, output_axes):
+    """A vocabulary-split table's tied logits ``einsum(equation, AG(hidden),
+    table)`` from sequence-split ``hidden``: a column-parallel edge, so the
+    backward pass gathers ``hidden`` again instead of keeping it whole, and
+    its gradient (partial sums over the vocabulary shards) is
+    reduce-scattered over the sequence."""
+    stored = spec_of(table_variable)
+    table_spec = None if stored is None else strategy.compute_spec(stored)
+    return column_parallel(strategy, hidden, table, table_spec, equation, output_axes)
 
 
 def _pinned(strategy, dk, spec):

@@ -28,6 +28,7 @@ support sharded 0th dimension for the resource tensor").
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from tfshard.errors import ShardingError, UnsupportedFeatureError
@@ -169,6 +170,9 @@ class VocabParallelEmbedding(ShardedLayerMixin, keras.layers.Embedding):
             return ops.matmul(hidden, ops.transpose(table))
         strategy, split = self.sharding_strategy, (self.logical_dim,)
         if self.shard_dim == "vocab":
+            if strategy.sequence_parallel and len(hidden.shape) >= 3 and isinstance(hidden, tf.Tensor):
+                return sequence_parallel.tied_logits(
+                    strategy, hidden, table, self.embeddings, _tied_equation(hidden), split)
             hidden = strategy.constrain(hidden, ())
             logits = ops.einsum(_tied_equation(hidden), hidden, table)
             return strategy.constrain(logits, split)
