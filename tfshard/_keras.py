@@ -458,6 +458,36 @@ def distribution_backend_patches(functions):
     )
 
 
+@contextlib.contextmanager
+def values_as_initializers():
+    """Inside, a Keras variable made from a value in a stateless scope (which
+    Keras's ``Variable.__init__`` refuses; optimizers make their iteration
+    count and learning rate so) is left uninitialized, the value as its
+    initializer: nothing is materialised, a read returns the value."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    cls, own = _tf_core.Variable, _tf_core.Variable.__dict__.get("__init__")
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, initializer=None, shape=None, dtype=None, *args, **kwargs):
+        if in_stateless_scope() and initializer is not None and not callable(initializer) \
+                and not isinstance(initializer, str):
+            value = _tf_core.convert_to_tensor(initializer, dtype=dtype)
+            shape, dtype = tuple(value.shape), dtype or value.dtype.name
+            initializer = lambda shape, dtype=None: value  # noqa: E731
+        original(self, initializer, shape, dtype, *args, **kwargs)
+
+    cls.__init__ = __init__
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.__init__
+        else:
+            cls.__init__ = own
+
+
 def draw_random_seed(seed):
     """The int32 seed pair Keras's TensorFlow random ops pass to
     ``tf.random.stateless_*`` for ``seed`` (an int, a SeedGenerator or a
