@@ -30,7 +30,7 @@ from tfshard._patching import (  # noqa: F401  (re-exported: the patch mechanism
     installed_patches,
     uninstall,
 )
-from tfshard._version import KERAS_MAX_EXCLUSIVE, KERAS_MIN
+from tfshard._version import check_versions  # noqa: F401  (re-exported)
 
 if "keras" not in sys.modules:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -40,34 +40,6 @@ from keras.src.backend.common import global_state  # noqa: E402
 from keras.src.backend.common import masking as _masking  # noqa: E402
 from keras.src.backend.tensorflow import core as _tf_core  # noqa: E402
 from keras.src.layers import layer as _layer_module  # noqa: E402
-
-
-def _parse_version(text):
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts + [0] * (3 - len(parts)))
-
-
-def check_versions():
-    """Fail clearly outside the Keras range tfshard is tested against."""
-    version = _parse_version(keras.version())
-    if not (KERAS_MIN <= version < KERAS_MAX_EXCLUSIVE):
-        lo = ".".join(map(str, KERAS_MIN))
-        hi = ".".join(map(str, KERAS_MAX_EXCLUSIVE))
-        raise ImportError(
-            f"tfshard supports keras>={lo},<{hi} (it uses Keras internals); "
-            f"found keras {keras.version()}. Install a supported version: "
-            f"pip install 'keras>={lo},<{hi}'."
-        )
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        raise ImportError(
-            f"tfshard needs the Keras TensorFlow backend, but Keras is using "
-            f"{backend!r}. Set KERAS_BACKEND=tensorflow before importing keras "
-            "(or import tfshard before keras)."
-        )
 
 
 check_versions()
