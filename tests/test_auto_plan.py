@@ -11,6 +11,10 @@ connections, chosen by a cost model, explained, and checked.
   train like one device; the convnet, with nothing to split, replicates
   everything and says so, and under a memory budget is stored split over
   the data axis;
+* projections whose kernels another layer contracts itself (keras-hub
+  Gemma4's feed-forward) are recognised by their connections;
+* a keras-hub task model (it compiles in its constructor) is planned
+  without materialising a weight;
 * bad input: a budget no plan fits, plan entries that match nothing, two
   styles on one layer.
 
@@ -307,6 +311,33 @@ def _styles(plan):
     return {key.split("/")[-1]: value for key, value in plan if isinstance(value, tfshard.styles.Style)}
 
 
+class DirectKernels(keras.layers.Layer):
+    """A gated feed-forward that contracts its projections' kernels itself
+    (as keras-hub's Gemma4 decoder does) instead of calling them."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = layers.Dense(32, use_bias=False, name="gate")
+        self.up = layers.EinsumDense("btd,df->btf", output_shape=(None, 32), name="up")
+        self.down = layers.Dense(16, use_bias=False, name="down")
+
+    def build(self, shape):
+        for layer, width in ((self.gate, shape[-1]), (self.up, shape[-1]), (self.down, 32)):
+            layer.build(tuple(shape[:-1]) + (width,))
+
+    def call(self, x):
+        h = ops.gelu(ops.matmul(x, self.gate.kernel)) * ops.einsum("btd,df->btf", x, self.up.kernel)
+        return x + ops.tensordot(h, self.down.kernel, axes=1)
+
+
+def test_kernels_contracted_by_another_layer_are_recognised_by_their_connections():
+    inputs = keras.Input((8, 16))
+    model = keras.Model(inputs, DirectKernels(name="block")(inputs))
+    plan = auto_plan(model, mesh())
+    assert _styles(plan) == {"gate": ColumnParallel(), "up": ColumnParallel(), "down": RowParallel()}, str(plan)
+    assert "gated feed-forward 16 -> 32 -> 16" in str(plan)
+
+
 # ---------------------------------------------------------------- bad input
 LLAMA = dict(vocabulary_size=64, num_layers=1, hidden_dim=16, intermediate_dim=32, num_query_heads=4,
              num_key_value_heads=2)
@@ -315,6 +346,37 @@ LLAMA = dict(vocabulary_size=64, num_layers=1, hidden_dim=16, intermediate_dim=3
 def llama_backbone():
     keras_hub = pytest.importorskip("keras_hub")
     return keras_hub.models.LlamaBackbone(**LLAMA)
+
+
+def test_a_task_model_is_planned_without_materialising_a_weight():
+    """A keras-hub task compiles in its constructor (its optimizer makes
+    variables from values, which a stateless scope refuses): it is built
+    abstractly all the same, and what the plan reads from the compiled loss
+    and metrics is kept."""
+    keras_hub = pytest.importorskip("keras_hub")
+    import tensorflow as tf
+
+    def build():
+        model = keras_hub.models.LlamaCausalLM(backbone=llama_backbone(), preprocessor=None)
+        model.compile(optimizer=keras.optimizers.Adam(0.01),  # the user's own compile too
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()])
+        return model
+
+    created = []
+
+    def creator(next_creator, **kwargs):
+        created.append(kwargs.get("name"))
+        return next_creator(**kwargs)
+
+    x = {"token_ids": np.zeros((8, 8), "int32"), "padding_mask": np.ones((8, 8), "int32")}
+    with tf.variable_creator_scope(creator):
+        plan = auto_plan(build, mesh(), inputs=x)
+    assert created == [], created  # no tf.Variable: no weight has a value
+    assert "built with its weights" not in str(plan), str(plan)
+    setting = plan.assessment.setting
+    assert setting.loss_splits_logits and setting.metrics_read_logits and setting.slots == 2
+    assert _styles(plan)["feedforward_gate_dense"] == ColumnParallel(), str(plan)
 
 
 def test_a_budget_no_plan_fits_names_the_smallest_bytes_and_a_mesh_that_fits():

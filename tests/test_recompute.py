@@ -98,6 +98,15 @@ def test_recompute_gives_the_plain_gradients_and_keeps_less(batch, plain, withou
         without_recompute.parameters, without_recompute.gradients, without_recompute.optimizer)
 
 
+@pytest.mark.parametrize("shape", [(1, 8), (4, 2)], ids=["1x8", "4x2"])
+def test_selective_recompute_gives_the_plain_gradients_on_other_meshes(batch, plain, shape):
+    model, strategy = build("selective", shape=shape)
+    loss, grads = gradients(model, strategy, *batch)
+    np.testing.assert_allclose(loss, plain[0], rtol=1e-6)
+    for v, got, want in zip(model.trainable_variables, grads, plain[1]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=v.path)
+
+
 def test_keras_remat_scope_fails_in_a_compiled_step():
     """Why tfshard has its own wrapper: Keras's RematScope on TensorFlow
     hands a layer call with keyword arguments to tf.custom_gradient, which

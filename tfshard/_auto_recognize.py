@@ -24,6 +24,9 @@ covers, with what the split needs to know (head counts, widths, vocabulary):
 * tfshard layers that compute their own split keep it; everything else is
   replicated, each with the reason.
 
+A projection's call is either a call of the layer or a contraction of its
+kernel by another layer's code (see :mod:`tfshard._auto_trace`).
+
 Names are used only to write the plan (a layer path) and to prefer
 :class:`~tfshard.styles.HeadParallel` when the attention layer names its
 projections as that style expects; recognition does not depend on them.

@@ -3,12 +3,16 @@ a record of which layer calls feed which.
 
 * :func:`build_abstract` creates the model without materialising its
   weights (``keras.StatelessScope(initialize_variables=False)``: variables
-  get their shapes, never their values).
+  get their shapes, never their values; one made from a value, such as an
+  optimizer's iteration count when a keras-hub task compiles in its
+  constructor, keeps the value as its initializer).
 * :func:`trace_calls` traces one call of the model into a single TensorFlow
   graph (a ``tf.function`` trace, so nothing runs) while every layer's
   ``call`` is wrapped to record its input and output tensors. Functional
   models (keras-hub's backbones and tasks) and subclassed ones are traced
-  alike: the calls of their sublayers happen inside the one graph.
+  alike: the calls of their sublayers happen inside the one graph. A
+  layer that contracts a projection's kernel itself (``ops.matmul(x,
+  dense.kernel)``) is recorded as a call of that projection.
 * :meth:`Trace.producers` walks the graph backwards from a call's input to
   the layer calls that produced it, and says whether the way between them
   is elementwise only (activations, products, sums, casts, dropout), which
@@ -103,15 +107,17 @@ def build_abstract(build_model):
             "keras_hub.models.LlamaCausalLM(...)) or a built Keras model."
         )
     try:
-        with keras.StatelessScope(initialize_variables=False):
+        # Variables made from a value (an optimizer's iteration count and
+        # learning rate: keras-hub tasks compile in their constructor) keep
+        # the value as their initializer.
+        with _keras.values_as_initializers(), keras.StatelessScope(initialize_variables=False):
             model = build_model()
         note = None
     except ValueError as err:
         if "stateless scope" not in str(err):
             raise
-        # A variable made from a value (e.g. an optimizer's iteration count,
-        # which keras-hub tasks create in their constructor's compile()): Keras
-        # refuses it in a stateless scope. Build with weights instead.
+        # Something else Keras refuses in a stateless scope: build with
+        # weights instead, and say so.
         model = build_model()
         note = (
             "built with its weights (Keras cannot build it abstractly: "
@@ -257,21 +263,107 @@ def trace_calls(model, inputs=None):
     """Trace one call of ``model`` (no weights needed) into a :class:`Trace`."""
     specs = input_specs(model, inputs)
     calls, stack, wrapped = [], [], []
-    for layer in all_layers(model):
+    layers = all_layers(model)
+    for layer in layers:
         previous = layer.__dict__.get("call", _MISSING)
         object.__setattr__(layer, "call", _recording_call(layer, layer.call, calls, stack))
         wrapped.append((layer, previous))
+    recorders = _direct_kernel_recorders(layers, calls, stack)
+    earlier = {key: _keras.hooks.backend_ops.get(key) for key in recorders}
+    for key, recorder in recorders.items():
+        _keras.hooks.backend_ops[key] = _around(recorder, earlier[key])
     try:
         with keras.StatelessScope(initialize_variables=False):
             function = tf.function(lambda x: model(x, training=False), autograph=False)
             graph = function.get_concrete_function(specs).graph
     finally:
+        for key, previous in earlier.items():
+            if previous is None:
+                _keras.hooks.backend_ops.pop(key, None)
+            else:
+                _keras.hooks.backend_ops[key] = previous
         for layer, previous in wrapped:
             if previous is _MISSING:
                 layer.__dict__.pop("call", None)
             else:
                 object.__setattr__(layer, "call", previous)
     return Trace(model, calls, graph)
+
+
+# ------------------------------------------------- kernels used directly
+# Some layers read a projection's kernel in their own code instead of calling
+# the projection (keras-hub's Gemma4 decoder: ``ops.matmul(x,
+# self.gating_ffw.kernel)``). While tracing, the Keras contractions record
+# such a use as a call of the projection, from the other operand to the
+# result, when it contracts the kernel's dims that the projection's own
+# equation contracts (the same linear map, so the same split applies).
+def _direct_kernel_recorders(layers, calls, stack):
+    kernels = {}
+    for layer in layers:
+        kernel = getattr(layer, "kernel", None) if isinstance(
+            layer, (keras.layers.Dense, keras.layers.EinsumDense)) else None
+        if isinstance(kernel, keras.Variable):
+            kernels[id(kernel)] = (layer, _contracted_kernel_dims(layer))
+
+    def record(name, x, kernel, contracted, out):
+        found = kernels.get(id(kernel))
+        if found is None or sorted(contracted or []) != found[1] or not tf.is_tensor(out):
+            return
+        layer = found[0]
+        if any(call.layer is layer for call in stack):
+            return  # the projection's own call
+        record = Call(index=len(calls), layer=layer, parent=stack[-1] if stack else None,
+                      inputs=[x] if tf.is_tensor(x) else [], outputs=[out], options={"direct": name})
+        calls.append(record)
+        if record.parent is not None:
+            record.parent.children.append(record)
+
+    def matmul(original, x1, x2):
+        out = original(x1, x2)
+        rank = len(getattr(x2, "shape", ()))
+        record("matmul", x1, x2, [0] if rank == 2 else None, out)
+        return out
+
+    def tensordot(original, x1, x2, axes=2):
+        out = original(x1, x2, axes=axes)
+        if isinstance(axes, int):
+            contracted = list(range(axes))
+        elif isinstance(axes, (list, tuple)) and len(axes) == 2:
+            second = axes[1]
+            contracted = list(second) if isinstance(second, (list, tuple)) else [second]
+            contracted = [int(d) % len(x2.shape) for d in contracted] if hasattr(x2, "shape") else None
+        else:
+            contracted = None
+        record("tensordot", x1, x2, contracted, out)
+        return out
+
+    def einsum(original, subscripts, *operands, **kwargs):
+        out = original(subscripts, *operands, **kwargs)
+        if isinstance(subscripts, str) and len(operands) == 2 and "->" in subscripts and "." not in subscripts:
+            inputs, output = subscripts.replace(" ", "").split("->")
+            first, second = inputs.split(",")
+            record("einsum", operands[0], operands[1],
+                   [d for d, c in enumerate(second) if c in first and c not in output], out)
+        return out
+
+    return {("numpy", "matmul"): matmul, ("numpy", "tensordot"): tensordot, ("numpy", "einsum"): einsum}
+
+
+def _contracted_kernel_dims(layer):
+    """Kernel dims the projection's own computation sums over."""
+    if not isinstance(layer, keras.layers.EinsumDense):
+        return [0]
+    inputs, rest = layer.equation.split(",")
+    kernel, output = rest.split("->")
+    return [d for d, c in enumerate(kernel) if c in inputs and c not in output]
+
+
+def _around(recorder, earlier):
+    """``recorder`` run around ``earlier`` (a backend op replacement, or
+    None: the Keras original)."""
+    if earlier is None:
+        return recorder
+    return lambda original, *args, **kwargs: recorder(functools.partial(earlier, original), *args, **kwargs)
 
 
 _MISSING = object()

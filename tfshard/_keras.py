@@ -30,7 +30,7 @@ from tfshard._patching import (  # noqa: F401  (re-exported: the patch mechanism
     installed_patches,
     uninstall,
 )
-from tfshard._version import KERAS_MAX_EXCLUSIVE, KERAS_MIN
+from tfshard._version import check_versions  # noqa: F401  (re-exported)
 
 if "keras" not in sys.modules:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -40,34 +40,6 @@ from keras.src.backend.common import global_state  # noqa: E402
 from keras.src.backend.common import masking as _masking  # noqa: E402
 from keras.src.backend.tensorflow import core as _tf_core  # noqa: E402
 from keras.src.layers import layer as _layer_module  # noqa: E402
-
-
-def _parse_version(text):
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts + [0] * (3 - len(parts)))
-
-
-def check_versions():
-    """Fail clearly outside the Keras range tfshard is tested against."""
-    version = _parse_version(keras.version())
-    if not (KERAS_MIN <= version < KERAS_MAX_EXCLUSIVE):
-        lo = ".".join(map(str, KERAS_MIN))
-        hi = ".".join(map(str, KERAS_MAX_EXCLUSIVE))
-        raise ImportError(
-            f"tfshard supports keras>={lo},<{hi} (it uses Keras internals); "
-            f"found keras {keras.version()}. Install a supported version: "
-            f"pip install 'keras>={lo},<{hi}'."
-        )
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        raise ImportError(
-            f"tfshard needs the Keras TensorFlow backend, but Keras is using "
-            f"{backend!r}. Set KERAS_BACKEND=tensorflow before importing keras "
-            "(or import tfshard before keras)."
-        )
 
 
 check_versions()
@@ -456,6 +428,36 @@ def distribution_backend_patches(functions):
               lambda original, f=function: f, purpose)
         for name, (function, purpose) in functions.items()
     )
+
+
+@contextlib.contextmanager
+def values_as_initializers():
+    """Inside, a Keras variable made from a value in a stateless scope (which
+    Keras's ``Variable.__init__`` refuses; optimizers make their iteration
+    count and learning rate so) is left uninitialized, the value as its
+    initializer: nothing is materialised, a read returns the value."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    cls, own = _tf_core.Variable, _tf_core.Variable.__dict__.get("__init__")
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, initializer=None, shape=None, dtype=None, *args, **kwargs):
+        if in_stateless_scope() and initializer is not None and not callable(initializer) \
+                and not isinstance(initializer, str):
+            value = _tf_core.convert_to_tensor(initializer, dtype=dtype)
+            shape, dtype = tuple(value.shape), dtype or value.dtype.name
+            initializer = lambda shape, dtype=None: value  # noqa: E731
+        original(self, initializer, shape, dtype, *args, **kwargs)
+
+    cls.__init__ = __init__
+    try:
+        yield
+    finally:
+        if own is None:
+            del cls.__init__
+        else:
+            cls.__init__ = own
 
 
 def draw_random_seed(seed):
