@@ -154,7 +154,8 @@ def test_with_selective_recomputation_a_block_keeps_megatrons_count_split_over_t
 def test_keras_hub_llama_under_its_automatic_plan_trains_like_one_device():
     """Code nobody here wrote: keras-hub's LlamaCausalLM (RMS norms, rotary
     embeddings, gated feed-forward, bias-free projections, tied logits),
-    split by tfshard.auto_plan plus sequence_parallel()."""
+    split by tfshard.auto_plan plus sequence_parallel(), with selective
+    recomputation of keras-hub's own attention core."""
     keras_hub = pytest.importorskip("keras_hub")
     from tfshard.auto_plan import auto_plan
 
@@ -174,7 +175,7 @@ def test_keras_hub_llama_under_its_automatic_plan_trains_like_one_device():
     mesh = tfshard.Mesh({"batch": 2, "model": 4})
     plan = auto_plan(build, mesh, inputs={k: v[:8] for k, v in x.items()})
     plain = build()
-    strategy = plan.builder(mesh).sequence_parallel().build()
+    strategy = plan.builder(mesh).sequence_parallel().recompute("selective").build()
     with strategy.scope():
         sharded = build()
     sharded.set_weights(plain.get_weights())
@@ -188,6 +189,9 @@ def test_keras_hub_llama_under_its_automatic_plan_trains_like_one_device():
     # The decoder's residual stream is split over the sequence.
     hidden = sharded.backbone({k: strategy.place(v[:8], ("batch", None)) for k, v in x.items()})
     assert tfshard.layout_of(hidden) == ("batch", "model", None)
+    # keras-hub's attention core is recomputed: its scores are not kept.
+    kept = memory_by_kind(sharded, ({k: v[:8] for k, v in x.items()}, y[:8])).kept
+    assert not any(k.op_type == "Softmax" for k in kept), kept
 
 
 # ------------------------------------------------------------ collectives
