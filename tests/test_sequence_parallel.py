@@ -117,6 +117,35 @@ def test_reference_transformer_trains_like_one_device_with_zero3(lm_batches, sha
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_checkpoints_restore_onto_meshes_with_and_without_the_options(lm_batches, tmp_path):
+    """Saved with sequence parallelism + selective recomputation + ZeRO-3 on
+    2x4 (after an Adam step), restored onto 4x2 without them and into plain
+    Keras; saved without them, restored with them: weights and Adam state
+    bit-exact (the options change activations and where state lives, not
+    what is saved)."""
+    from tfshard.checkpoint import restore_checkpoint, save_checkpoint
+
+    x, y = lm_batches
+    source = _lm((2, 4), recompute="selective", zero=3)
+    source.train_on_batch(x[:8], y[:8])
+    state = [np.array(v.numpy()) for v in source.weights + source.optimizer.variables]
+    path = save_checkpoint(source, tmp_path / "options")
+    cfg = {**config_lib.defaults()["model"], "d_model": 32, "heads": 8, "d_ff": 64, "layers": 1, "seq_len": 16}
+    tp_only = (tfshard.StrategyBuilder(tfshard.Mesh({"batch": 4, "model": 2}))
+               .data_parallel("batch").tensor_parallel("model").build())
+    for strategy in (tp_only, None):
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            target = models.build(cfg, seed=1)
+            target.optimizer.build(target.trainable_variables)
+        restore_checkpoint(target, path)
+        for got, want in zip([np.array(v.numpy()) for v in target.weights + target.optimizer.variables], state):
+            np.testing.assert_array_equal(got, want)
+    back = _lm((4, 2), recompute="selective", zero=3)
+    restore_checkpoint(back, save_checkpoint(target, tmp_path / "plain"))
+    for got, want in zip([np.array(v.numpy()) for v in back.weights + back.optimizer.variables], state):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_norm_and_residual_activations_are_split_over_the_sequence(lm_batches):
     """What the training step keeps for backward: with sequence parallelism
     every norm and residual tensor holds S / tp tokens per device (without
@@ -154,7 +183,8 @@ def test_with_selective_recomputation_a_block_keeps_megatrons_count_split_over_t
 def test_keras_hub_llama_under_its_automatic_plan_trains_like_one_device():
     """Code nobody here wrote: keras-hub's LlamaCausalLM (RMS norms, rotary
     embeddings, gated feed-forward, bias-free projections, tied logits),
-    split by tfshard.auto_plan plus sequence_parallel()."""
+    split by tfshard.auto_plan plus sequence_parallel(), with selective
+    recomputation of keras-hub's own attention core."""
     keras_hub = pytest.importorskip("keras_hub")
     from tfshard.auto_plan import auto_plan
 
@@ -174,7 +204,7 @@ def test_keras_hub_llama_under_its_automatic_plan_trains_like_one_device():
     mesh = tfshard.Mesh({"batch": 2, "model": 4})
     plan = auto_plan(build, mesh, inputs={k: v[:8] for k, v in x.items()})
     plain = build()
-    strategy = plan.builder(mesh).sequence_parallel().build()
+    strategy = plan.builder(mesh).sequence_parallel().recompute("selective").build()
     with strategy.scope():
         sharded = build()
     sharded.set_weights(plain.get_weights())
@@ -188,6 +218,9 @@ def test_keras_hub_llama_under_its_automatic_plan_trains_like_one_device():
     # The decoder's residual stream is split over the sequence.
     hidden = sharded.backbone({k: strategy.place(v[:8], ("batch", None)) for k, v in x.items()})
     assert tfshard.layout_of(hidden) == ("batch", "model", None)
+    # keras-hub's attention core is recomputed: its scores are not kept.
+    kept = memory_by_kind(sharded, ({k: v[:8] for k, v in x.items()}, y[:8])).kept
+    assert not any(k.op_type == "Softmax" for k in kept), kept
 
 
 # ------------------------------------------------------------ collectives

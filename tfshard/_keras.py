@@ -477,9 +477,17 @@ def backend_variable(x):
     return inner if isinstance(inner, _tf_core.tf.Variable) else None
 
 
+def has_attention_core(layer):
+    """Whether ``layer`` has an attention core :func:`wrap_attention_core`
+    can wrap: Keras's attention layers and keras-hub's (every keras-hub
+    attention layer computes its core in ``_compute_attention``)."""
+    return callable(getattr(type(layer), "_compute_attention", None))
+
+
 def wrap_attention_core(layer, wrap):
     # MultiHeadAttention/GroupQueryAttention._compute_attention(query, key,
-    # value, attention_mask=None, training=None, ...) -> (output, scores):
+    # value, attention_mask=None, training=None, ...) -> (output, scores)
+    # (keras-hub's: (query, key, value, attention_mask=None) -> output):
     # the attention core (scores, softmax, dropout, weighted values), replaced
     # on this instance by wrap(the bound original).
     object.__setattr__(layer, "_compute_attention", wrap(layer._compute_attention))

@@ -9,8 +9,8 @@ forward pass again during it (``StrategyBuilder.recompute``).
 ``"selective"``
     Megatron's selective recomputation (Korthikanti et al., 2022): the
     attention core (scores, softmax, dropout, the weighted sum of values) of
-    every Keras ``MultiHeadAttention`` / ``GroupQueryAttention`` is
-    recomputed, so the ``a·s²·b`` scores are not kept; the projections'
+    every Keras ``MultiHeadAttention`` / ``GroupQueryAttention`` and every
+    keras-hub attention layer (their ``_compute_attention``) is recomputed, so the ``a·s²·b`` scores are not kept; the projections'
     inputs and outputs still are. So are, as Megatron-Core's selective
     modules ``layernorm`` and ``moe_act``/``mlp`` do, the cheap elementwise
     parts whose TensorFlow gradients keep more than Megatron counts: every
@@ -137,7 +137,7 @@ def prepare(layer, mode):
     """Make ``layer`` (just created under a strategy with ``recompute(mode)``)
     recompute what ``mode`` says when it is called in a traced step."""
     if mode == "selective":
-        if isinstance(layer, ATTENTION_LAYERS):
+        if isinstance(layer, ATTENTION_LAYERS) or _keras.has_attention_core(layer):
             _keras.wrap_attention_core(layer, lambda core: recomputed(core, layer))
         elif isinstance(layer, NORM_LAYERS):
             object.__setattr__(layer, "call", recomputed(layer.call, layer))
