@@ -271,7 +271,7 @@ def trace_calls(model, inputs=None):
     recorders = _direct_kernel_recorders(layers, calls, stack)
     earlier = {key: _keras.hooks.backend_ops.get(key) for key in recorders}
     for key, recorder in recorders.items():
-        _keras.hooks.backend_ops[key] = _around(recorder, earlier[key])
+        _keras.hooks.backend_ops[key] = _keras.chained(recorder, earlier[key])
     try:
         with keras.StatelessScope(initialize_variables=False):
             function = tf.function(lambda x: model(x, training=False), autograph=False)
@@ -356,14 +356,6 @@ def _contracted_kernel_dims(layer):
     inputs, rest = layer.equation.split(",")
     kernel, output = rest.split("->")
     return [d for d, c in enumerate(kernel) if c in inputs and c not in output]
-
-
-def _around(recorder, earlier):
-    """``recorder`` run around ``earlier`` (a backend op replacement, or
-    None: the Keras original)."""
-    if earlier is None:
-        return recorder
-    return lambda original, *args, **kwargs: recorder(functools.partial(earlier, original), *args, **kwargs)
 
 
 _MISSING = object()

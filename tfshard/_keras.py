@@ -24,6 +24,7 @@ import sys
 
 from tfshard._patching import (  # noqa: F401  (re-exported: the patch mechanism)
     Patch,
+    chained,
     describe_patches,
     hooks,
     install,

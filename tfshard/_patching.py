@@ -11,6 +11,7 @@ re-exports these names.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 
 
@@ -36,6 +37,20 @@ class _Hooks:
 
 
 hooks = _Hooks()
+
+
+def chained(outer, inner):
+    """A backend-op replacement that runs ``outer`` around ``inner`` (another
+    replacement, or None: the Keras original): ``outer``'s ``original`` is
+    ``inner`` applied to the Keras original. Two replacements of one op
+    (matmul: context parallelism's and the contraction one) both apply."""
+    if inner is None:
+        return outer
+
+    def replacement(original, *args, **kwargs):
+        return outer(functools.partial(inner, original), *args, **kwargs)
+
+    return replacement
 
 
 # ------------------------------------------------------------ the patches

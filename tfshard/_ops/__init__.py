@@ -27,8 +27,6 @@ TensorFlow ops with no DTensor expander at all run replicated
 
 from __future__ import annotations
 
-import functools
-
 from tfshard import _dtensor, _keras
 from tfshard._ops.contraction import einsum, matmul, tensordot
 from tfshard._ops.control import map_fn, nonzero, switch, where
@@ -128,19 +126,8 @@ def install():
     _dtensor.expand_replicated(REPLICATED_OP_TYPES)
     table = replacements()
     for key, (replacement, _) in {**table, **LAYER_METHODS}.items():
-        earlier = _keras.hooks.backend_ops.get(key)
-        if earlier is not None:  # e.g. matmul: context parallelism's, then this one's
-            replacement = _chained(replacement, earlier)
-        _keras.hooks.backend_ops[key] = replacement
+        # e.g. matmul: context parallelism's, then this one's
+        _keras.hooks.backend_ops[key] = _keras.chained(replacement, _keras.hooks.backend_ops.get(key))
     _keras.install(_keras.backend_op_patches({key: purpose for key, (_, purpose) in table.items()}))
     _keras.install(_keras.layer_method_patches(
         {key: purpose for key, (_, purpose) in LAYER_METHODS.items()}))
-
-
-def _chained(outer, inner):
-    """A replacement that runs ``outer`` around ``inner``: ``outer``'s
-    ``original`` is ``inner`` applied to the Keras original."""
-    def replacement(original, *args, **kwargs):
-        return outer(functools.partial(inner, original), *args, **kwargs)
-
-    return replacement
