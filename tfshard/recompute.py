@@ -10,8 +10,9 @@ forward pass again during it (``StrategyBuilder.recompute``).
     Megatron's selective recomputation (Korthikanti et al., 2022): the
     attention core (scores, softmax, dropout, the weighted sum of values) of
     every Keras ``MultiHeadAttention`` / ``GroupQueryAttention`` and every
-    keras-hub attention layer (their ``_compute_attention``) is recomputed, so the ``a·s²·b`` scores are not kept; the projections'
-    inputs and outputs still are. So are, as Megatron-Core's selective
+    keras-hub attention layer (their ``_compute_attention``) is recomputed,
+    so the ``a·s²·b`` scores are not kept; the projections' inputs and
+    outputs still are. So are, as Megatron-Core's selective
     modules ``layernorm`` and ``moe_act``/``mlp`` do, the cheap elementwise
     parts whose TensorFlow gradients keep more than Megatron counts: every
     ``LayerNormalization`` / ``RMSNormalization`` (which keeps its broadcast

@@ -69,8 +69,7 @@ def layer_call(original, layer, inputs, *args, **kwargs):
     strategy, declaration = declaration
     equation = _equation(layer, inputs.shape.rank)
     _check(strategy, layer, inputs, equation)
-    stored = spec_of(layer.kernel)  # None for a LoRA kernel (a tensor)
-    kernel_spec = None if stored is None else strategy.compute_spec(stored)
+    kernel_spec = _compute_spec(strategy, layer.kernel)
     kernel = tf.convert_to_tensor(keras.ops.convert_to_tensor(layer.kernel))  # a value, not the variable
     if declaration.sequence == "gather":
         x = column_parallel(strategy, inputs, kernel, kernel_spec, equation, declaration.outputs)
@@ -233,9 +232,15 @@ def tied_logits(strategy, hidden, table, table_variable, equation, output_axes):
     backward pass gathers ``hidden`` again instead of keeping it whole, and
     its gradient (partial sums over the vocabulary shards) is
     reduce-scattered over the sequence."""
-    stored = spec_of(table_variable)
-    table_spec = None if stored is None else strategy.compute_spec(stored)
-    return column_parallel(strategy, hidden, table, table_spec, equation, output_axes)
+    return column_parallel(strategy, hidden, table, _compute_spec(strategy, table_variable), equation,
+                           output_axes)
+
+
+def _compute_spec(strategy, weight):
+    """The layout a layer computes with for ``weight`` (None for a tensor,
+    e.g. a LoRA kernel, which has no stored layout)."""
+    stored = spec_of(weight)
+    return None if stored is None else strategy.compute_spec(stored)
 
 
 def _pinned(strategy, dk, spec):
