@@ -136,10 +136,6 @@ XFAIL = {
         "DTensor has no layout propagation for tf.MatrixDiagV3, which Qwen3_5GatedDeltaNet (the "
         "linear-attention layers) calls; it fails under any mesh, split or not"
     ),
-    "rwkv7": (
-        "DTensor has no layout propagation for tf.TensorListStack, the stacked outputs of "
-        "RWKV7's time-mixing scan (a while loop); it fails under any mesh, split or not"
-    ),
 }
 
 

@@ -497,3 +497,25 @@ def wrap_attention_core(layer, wrap):
 def replace_variable_value(variable, value):
     """Point a Keras variable at another backend tf.Variable."""
     variable._value = value
+
+
+# keras-hub's RWKV-7 time mixing (``RWKV7TimeMix``, keras-hub 0.32) calls its
+# recurrence through three instance attributes set in ``__init__``, each
+# ``rwkv7_layer.rnn_generalized_delta_rule(r, w, k, v, a, b,
+# initial_state=None, output_final_state=True, head_first=False)`` on the
+# TensorFlow backend (CUDA kernels from ``rwkv_ops`` on torch/jax).
+_RECURRENCE_SCANS = ("RWKV7_OP", "RWKV7_OP_RNN", "RWKV7_OP_INFERENCE")
+_RECURRENCE_FUNCTION = "rnn_generalized_delta_rule"
+
+
+def wrap_recurrence_scans(layer, wrap):
+    """Replace, on this instance, each of keras-hub's RWKV-7 recurrence
+    functions ``layer`` holds by ``wrap(the original)`` (once; nothing for
+    any other layer)."""
+    for name in _RECURRENCE_SCANS:
+        scan = layer.__dict__.get(name)
+        if getattr(scan, "__name__", None) != _RECURRENCE_FUNCTION or getattr(scan, "_tfshard_wrapped", False):
+            continue
+        wrapped = functools.wraps(scan)(wrap(scan))
+        wrapped._tfshard_wrapped = True
+        object.__setattr__(layer, name, wrapped)

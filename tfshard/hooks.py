@@ -27,6 +27,7 @@ import tensorflow as tf
 from keras import tree
 
 from tfshard import _dtensor, _keras, context_parallel, recompute, sequence_parallel
+from tfshard._ops import recurrence
 from tfshard.layout import KEEP, validate_spec
 from tfshard.strategy import (
     _computing_on,
@@ -87,6 +88,9 @@ def _layer_created(layer):
 
     @functools.wraps(build)
     def build_in_scope(*args, **kwargs):
+        # Attributes set in __init__ (after __new__, where this runs) are
+        # there by build time: keras-hub's RWKV-7 recurrence.
+        recurrence.prepare(layer)
         with strategy._ensure_scope():
             return build(*args, **kwargs)
 

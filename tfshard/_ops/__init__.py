@@ -20,6 +20,9 @@ unchanged:
   broadcast divisors;
 * :mod:`~tfshard._ops.control`: ``switch`` and ``map`` on a mesh, and clear
   errors for value-dependent shapes.
+* :mod:`~tfshard._ops.recurrence`: keras-hub's RWKV-7 recurrence (a
+  TensorArray loop) unrolled, split by batch and heads (installed per layer
+  at build, by ``tfshard.hooks``).
 
 TensorFlow ops with no DTensor expander at all run replicated
 (``REPLICATED_OP_TYPES``, see :func:`tfshard._dtensor.expand_replicated`).
