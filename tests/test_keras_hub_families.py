@@ -75,8 +75,8 @@ FAMILIES = {
     "qwen3_moe": (M.Qwen3MoeCausalLM, M.Qwen3MoeBackbone,
                   dict(DEC, num_query_heads=4, num_key_value_heads=4, moe_intermediate_dim=16, num_experts=4,
                        top_k=2, head_dim=4)),
-    # Qwen3.5: full-attention layers here; its linear-attention layers are
-    # "qwen3_5_linear" below (an XFAIL).
+    # Qwen3.5: full-attention layers here; its linear-attention layers
+    # (gated delta-net) are "qwen3_5_linear" below.
     "qwen3_5": (M.Qwen3_5CausalLM, M.Qwen3_5Backbone,
                 dict(DEC, num_query_heads=4, num_key_value_heads=2, head_dim=8,
                      layer_types=["full_attention"], **LINEAR)),
@@ -128,15 +128,14 @@ SPLITS.update({
     "f_net": {"ffn"},  # Fourier mixing instead of attention
     "gemma3_kv2": {"ffn"}, "gemma4_kv2": {"ffn"},  # attention replicated: see FAMILIES
     "rwkv7": {"ffn"},  # recurrent time mixing instead of attention
-    "qwen3_5_linear": {"ffn"},  # gated delta-net linear attention: projections stay whole
+    # gated delta-net: the plan also splits in_proj_z by heads and out_proj by
+    # rows (the fused qkv projection stays whole); tfshard._ops.reshape
+    # makes that train (see tests/test_reshape_rows.py)
+    "qwen3_5_linear": {"ffn"},
 })
 # Families that cannot work yet: the op and layer at fault (strict: they fail).
-XFAIL = {
-    "qwen3_5_linear": (
-        "DTensor has no layout propagation for tf.MatrixDiagV3, which Qwen3_5GatedDeltaNet (the "
-        "linear-attention layers) calls; it fails under any mesh, split or not"
-    ),
-}
+# (none today: every family above trains; an entry is the op and layer at fault)
+XFAIL = {}
 
 
 # Families whose weights after 4 Adam steps (lr 0.01) differ by more than

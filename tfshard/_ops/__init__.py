@@ -18,6 +18,8 @@ unchanged:
 * :mod:`~tfshard._ops.contraction`: a weight matrix's contracted dim whole;
 * :mod:`~tfshard._ops.whole`: ops that need the dims they act on whole, and
   broadcast divisors;
+* :mod:`~tfshard._ops.reshape`: a reshape of flattened rows whose dims
+  past the batch DTensor cannot split, laid out so;
 * :mod:`~tfshard._ops.control`: ``switch`` and ``map`` on a mesh, and clear
   errors for value-dependent shapes.
 * :mod:`~tfshard._ops.recurrence`: keras-hub's RWKV-7 recurrence (a
@@ -38,6 +40,7 @@ from tfshard._ops.draws import dropout, random_crop_images, random_draw
 from tfshard._ops.images import equalization_apply, equalization_histogram
 from tfshard._ops.gradients import clip, one_hot, segment_sum, top_k
 from tfshard._ops.pooling import average_pool, max_pool
+from tfshard._ops.reshape import reshape
 from tfshard._ops.whole import WHOLE_INPUT_OPS, divide, elastic_transform, split, whole_inputs
 
 RANDOM_DRAWS = (
@@ -88,6 +91,10 @@ def replacements():
     out[("image", "elastic_transform")] = (
         elastic_transform, _WHOLE + "; a sigma known only at run time is a clear error "
         "(a run-time blur kernel size)")
+    out[("numpy", "reshape")] = (
+        reshape, "rows unflattened into dims DTensor cannot split (the flattened (B*S*H, D) made "
+        "(B, S, H*D)): laid out whole but for the batch, so a split a later layer asks for is a "
+        "local slice and its gradient expands")
     out[("numpy", "split")] = (split, "the split axis whole (DTensor's Split expander rejects "
                                "a split on it)")
     out[("numpy", "clip")] = (clip, "its gradient (where(mask, dy, 0)) reaches a strided slice's "
