@@ -133,8 +133,8 @@ SPLITS.update({
     # makes that train (see tests/test_reshape_rows.py)
     "qwen3_5_linear": {"ffn"},
 })
-# Families that cannot work yet: the op and layer at fault (strict: they fail).
-# (none today: every family above trains; an entry is the op and layer at fault)
+# Families that cannot work yet, each with the op and layer at fault (strict:
+# they must fail). None today: every family above trains.
 XFAIL = {}
 
 

@@ -42,6 +42,23 @@ _LOWERING_PASSES = (
     "DTensorMergeClusters",  # its first run after expansion follows lowering
 )
 
+# The passes whose output the stages read: the expansion, the passes that
+# may rewrite collectives between it and lowering, and the lowering passes
+# (they mark where "optimized" ends). Dumping only these (TensorFlow's MLIR
+# bridge logger reads MLIR_BRIDGE_LOG_PASS_FILTER, exact pass names joined by
+# ";") skips the ~20 other passes' full-module dumps: -19% CPU measured on a
+# child counting three programs' collectives, with the same counts.
+DUMPED_PASSES = (
+    _EXPANSION_PASS,
+    "CSE",
+    "DTensorAllReduceSumOptimization",
+    "DTensorAllReduceCombineOptimization",
+    "DTensorAllReduceScatterOptimization",
+    "DTensorMixedPrecisionReduce",
+    "DTensorAllGatherLowering",
+) + _LOWERING_PASSES
+PASS_FILTER_VARIABLE = "MLIR_BRIDGE_LOG_PASS_FILTER"
+
 _DUMP_NAME = re.compile(r"^dtensor\.(\d+)\.[^.]*\.after_([^.]+)\.(.*)\.mlir$")
 _OP = re.compile(r'"tf\.(' + "|".join(KINDS) + r')"\(([^)]*)\)(.*)$')
 _CONST = re.compile(

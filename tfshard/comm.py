@@ -63,6 +63,8 @@ import textwrap
 import threading
 
 from tfshard._spmd_dumps import (  # noqa: F401  (re-exported: reading the dumps)
+    DUMPED_PASSES,
+    PASS_FILTER_VARIABLE,
     KINDS,
     STAGES,
     CollectiveCountError,
@@ -278,6 +280,7 @@ def run_in_subprocess(target, *, devices=8, timeout=600, env=None):
         )
         child_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         child_env.setdefault("KERAS_BACKEND", "tensorflow")
+        child_env.setdefault(PASS_FILTER_VARIABLE, ";".join(DUMPED_PASSES))
         child_env["TF_DUMP_GRAPH_PREFIX"] = os.path.join(workdir, "unmeasured")
         child_env["TFSHARD_COMM_SYSPATH"] = json.dumps([p for p in sys.path if p])
         child_env["TFSHARD_COMM_DEVICES"] = str(int(devices))
