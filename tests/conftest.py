@@ -98,3 +98,16 @@ def _fresh_keras_state():
         gc.collect()
     keras.backend.clear_session(free_memory=False)
     yield
+
+
+@pytest.fixture
+def grappler_on():
+    """Grappler on for one test (it is off in the test processes, see the
+    top of this file): for tests that read what a compiled step keeps, as
+    users' TensorFlow (with its defaults) compiles it."""
+    import tensorflow as tf
+
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+    yield
+    if os.environ.get("TFSHARD_TEST_GRAPPLER", "") in ("", "0"):
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})

@@ -146,7 +146,10 @@ XFAIL = {}
 # is mathematically zero; 1.4e-5 on an earlier tree), smollm3 1.4e-5 (2 of
 # 1024 embedding rows); at lr 1e-3 7e-7 and 1.4e-6; in float64 1e-14 and
 # 3e-15, so the sharded step computes the same numbers.
-WEIGHT_ATOL = {"falcon": 3e-5, "smollm3": 3e-5}
+# Gemma4: 2.3e-5 on one of 16 elements of decoder_block_0/pre_ffw_norm/scale
+# with Grappler off (the test suite's setting), 1.4e-5 on its query kernel
+# with it on; the logits and both fit losses agree within 1e-5.
+WEIGHT_ATOL = {"falcon": 3e-5, "smollm3": 3e-5, "gemma4": 3e-5}
 
 
 def build(family):

@@ -33,7 +33,8 @@ HEADS, HEAD_DIM, SEQ, HIDDEN = 4, 4, 8, 16
     ((None, 8, 4, 4), (None, 8, None), False),  # heads merged: (B, S, -1)
     ((None, 8, 4, 4), (None, 4), False),  # flattened to rows: D keeps its split
     ((8, 8, 16), (8, 8, 4, 4), False),
-    ((16,), (4, 4), True),  # dim 1 an inner factor of dim 0: never split
+    ((16,), (4, 4), False),  # rank 1 has no rows (a weight vector reshaped to broadcast)
+    ((32,), (1, 1, 32), False),
 ])
 def test_which_reshapes_are_laid_out_whole(src, dst, expected):
     assert rows_unflattened(src, dst) is expected

@@ -146,7 +146,7 @@ def test_checkpoints_restore_onto_meshes_with_and_without_the_options(lm_batches
         np.testing.assert_array_equal(got, want)
 
 
-def test_norm_and_residual_activations_are_split_over_the_sequence(lm_batches):
+def test_norm_and_residual_activations_are_split_over_the_sequence(lm_batches, grappler_on):
     """What the training step keeps for backward: with sequence parallelism
     every norm and residual tensor holds S / tp tokens per device (without
     it, all S), and the step keeps fewer bytes."""

@@ -46,7 +46,9 @@ def rows_unflattened(in_shape, out_shape):
     """True when no output dim past dim 0 can carry a split of the input
     (see the module docstring)."""
     src, dst = _dims(in_shape), _dims(out_shape)
-    if not src or not dst or len(dst) < 2 or None in src[1:]:
+    # Rows are flattened into dim 0 of an input of rank 2 or more (a weight
+    # vector reshaped to broadcast, (D,) -> (1, 1, D), is no such reshape).
+    if not src or not dst or len(src) < 2 or len(dst) < 2 or None in src[1:]:
         return False
     if None not in dst[1:]:
         starts = {math.prod(src[i:]) for i in range(1, len(src))}
